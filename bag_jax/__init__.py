@@ -1,0 +1,1 @@
+"""bag-jax: generative data-free quantization (GDFQ, AdaDFQ, BAG) in JAX/Flax."""

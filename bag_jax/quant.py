@@ -1,0 +1,180 @@
+"""The reference fake quantizer and the layers built on it.
+
+One quantize-dequantize function serves every quantized tensor in the project: student weights,
+student activations, and the BAG generator's weights and (optionally) activations. It follows the
+GDFQ/AdaDFQ code (spec 2.2): an asymmetric k-bit grid with an integral zero point and
+round-half-even, as a `jax.custom_vjp` whose backward is the straight-through estimator.
+
+Following AQT's split, the range is computed outside the quantizer under `stop_gradient`:
+per output channel from the current weight (spec 2.3), per tensor from a calibrated running range
+for activations (spec 2.4).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+FULL_PRECISION = 32
+MAX_BITS = 16
+STE_MODES = ('identity', 'clipped')
+RANGE_RULES = ('reference', 'ema')
+# QuantAct's running-range factor, hard-coded in the reference (spec 2.4).
+RANGE_MOMENTUM = 0.9
+
+
+def check_bits(bits: Any, field: str) -> Optional[int]:
+    """Validates a bit-width read from a config.
+
+    Returns the bit-width as a Python int, or None for full precision (32 or None).
+    Raises ValueError naming `field` for anything else.
+    """
+    if bits is None or (isinstance(bits, int) and not isinstance(bits, bool) and bits == FULL_PRECISION):
+        return None
+    if isinstance(bits, int) and not isinstance(bits, bool) and 1 <= bits <= MAX_BITS:
+        return bits
+    raise ValueError(
+        f'{field}={bits!r} is not a valid bit-width: use an integer from 1 to {MAX_BITS}, '
+        f'or {FULL_PRECISION} (or None) for full precision.')
+
+
+def check_choice(value: Any, allowed: tuple[str, ...], field: str) -> str:
+    """Returns `value` if it is one of `allowed`, else raises ValueError naming `field`."""
+    if value not in allowed:
+        raise ValueError(f'{field}={value!r} is not allowed: choose one of {", ".join(map(repr, allowed))}.')
+    return value
+
+
+def _quantize_dequantize(x, lo, hi, bits):
+    # The reference's AsymmetricQuantFunction.forward, in its order of operations (spec 2.2).
+    n = 2.0**bits - 1.0
+    scale = n / jnp.maximum(hi - lo, 1e-8)
+    zero_point = jnp.round(scale * lo) + 2.0**(bits - 1)
+    half = 2.0**(bits - 1)
+    q = jnp.clip(jnp.round(scale * x - zero_point), -half, half - 1.0)
+    return (q + zero_point) / scale
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _fake_quant(x, lo, hi, bits, ste):
+    return _quantize_dequantize(x, lo, hi, bits)
+
+
+def _fake_quant_fwd(x, lo, hi, bits, ste):
+    residuals = (x, lo, hi) if ste == 'clipped' else None
+    return _quantize_dequantize(x, lo, hi, bits), residuals
+
+
+def _fake_quant_bwd(bits, ste, residuals, g):
+    # No gradient reaches the range: the reference returns None for min and max.
+    if ste == 'clipped':
+        x, lo, hi = residuals
+        g = jnp.where((x >= lo) & (x <= hi), g, jnp.zeros_like(g))
+        return g, jnp.zeros_like(lo), jnp.zeros_like(hi)
+    return g, None, None
+
+
+_fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
+
+
+def fake_quant(x: jax.Array, lo: jax.Array, hi: jax.Array, bits: int, ste: str = 'identity') -> jax.Array:
+    """Asymmetric k-bit quantize-dequantize of `x` on the range [lo, hi] (spec 2.2).
+
+    `lo` and `hi` broadcast against `x` (scalars for per-tensor, keepdims shapes for per-channel).
+    The grid has 2^bits levels of step 1/s, s = (2^bits - 1) / max(hi - lo, 1e-8), starting at
+    round(s*lo)/s; values outside are clamped to the end levels, ties round to even.
+
+    Backward: `ste='identity'` (the reference) passes the gradient through unchanged everywhere;
+    `ste='clipped'` zeroes it where x lies outside [lo, hi]. No gradient flows to lo or hi.
+    Returns an array of x's shape and dtype.
+    """
+    check_choice(ste, STE_MODES, 'quant.ste')
+    lo = jnp.asarray(lo, x.dtype)
+    hi = jnp.asarray(hi, x.dtype)
+    return _fake_quant(x, lo, hi, int(bits), ste)
+
+
+def quantize_weight(w: jax.Array, bits: Optional[int], ste: str = 'identity') -> jax.Array:
+    """Per-output-channel weight fake quantization (spec 2.3).
+
+    The output channel is the last axis (Flax's HWIO conv kernels and (in, out) dense kernels).
+    The range is the min/max of the current weight over all other axes, recomputed on every call
+    under stop_gradient. bits=None returns `w` unchanged. Returns an array of w's shape.
+    """
+    if bits is None:
+        return w
+    axes = tuple(range(w.ndim - 1))
+    lo = jax.lax.stop_gradient(jnp.min(w, axis=axes, keepdims=True))
+    hi = jax.lax.stop_gradient(jnp.max(w, axis=axes, keepdims=True))
+    return fake_quant(w, lo, hi, bits, ste)
+
+
+def quantized_conv(w_bits: Optional[int], ste: str = 'identity'):
+    """A drop-in for `lax.conv_general_dilated` that fake-quantizes the kernel (the rhs) first.
+
+    Passed to `nn.Conv(conv_general_dilated=...)` so quantized and full-precision convolutions
+    share parameter names and layouts, and teacher weights copy to the student as they are.
+    """
+    def conv(lhs, rhs, *args, **kwargs):
+        return jax.lax.conv_general_dilated(lhs, quantize_weight(rhs, w_bits, ste), *args, **kwargs)
+    return conv
+
+
+def quantized_dot_general(w_bits: Optional[int], ste: str = 'identity'):
+    """A drop-in for `lax.dot_general` that fake-quantizes the kernel (the rhs) first (nn.Dense)."""
+    def dot_general(lhs, rhs, *args, **kwargs):
+        return jax.lax.dot_general(lhs, quantize_weight(rhs, w_bits, ste), *args, **kwargs)
+    return dot_general
+
+
+def update_range(x_min, x_max, beta_t, batch_min, batch_max, rule: str = 'reference'):
+    """One step of the activation range update. Returns (x_min, x_max, beta_t).
+
+    'reference' is QuantAct's formula exactly (spec 2.4), bias-correction quirk included:
+        beta_t <- beta_t * 0.9;  r <- (r * 0.9 + batch_r * 0.1) / (1 - beta_t)
+    'ema' is a plain 0.9 EMA seeded with the first batch (beta_t == 1 marks "no update yet").
+    """
+    beta = RANGE_MOMENTUM
+    if rule == 'reference':
+        beta_t = beta_t * beta
+        x_min = (x_min * beta + batch_min * (1 - beta)) / (1 - beta_t)
+        x_max = (x_max * beta + batch_max * (1 - beta)) / (1 - beta_t)
+        return x_min, x_max, beta_t
+    first = beta_t == 1.0
+    x_min = jnp.where(first, batch_min, x_min * beta + batch_min * (1 - beta))
+    x_max = jnp.where(first, batch_max, x_max * beta + batch_max * (1 - beta))
+    return x_min, x_max, beta_t * beta
+
+
+class QuantAct(nn.Module):
+    """Per-tensor activation fake quantizer with a calibrated range (the reference's QuantAct).
+
+    The range lives in the 'quant_stats' collection (x_min, x_max, beta_t; init 0, 0, 1). With
+    `calibrate=True` and 'quant_stats' mutable, each call first updates the range from this
+    batch's min/max (`update_range`), then quantizes with it, as the reference does while
+    `running_stat` is on; otherwise the stored range is used unchanged (frozen).
+    """
+    bits: Optional[int]
+    range_rule: str = 'reference'
+    ste: str = 'identity'
+
+    @nn.compact
+    def __call__(self, x: jax.Array, calibrate: bool = False) -> jax.Array:
+        if self.bits is None:
+            return x
+        x_min = self.variable('quant_stats', 'x_min', lambda: jnp.zeros((), jnp.float32))
+        x_max = self.variable('quant_stats', 'x_max', lambda: jnp.zeros((), jnp.float32))
+        beta_t = self.variable('quant_stats', 'beta_t', lambda: jnp.ones((), jnp.float32))
+        if calibrate and not self.is_initializing():
+            if not self.is_mutable_collection('quant_stats'):
+                raise ValueError("calibrate=True updates activation ranges: apply with mutable=['quant_stats'].")
+            batch = jax.lax.stop_gradient(x)
+            x_min.value, x_max.value, beta_t.value = update_range(
+                x_min.value, x_max.value, beta_t.value, jnp.min(batch), jnp.max(batch), self.range_rule)
+        lo = jax.lax.stop_gradient(x_min.value)
+        hi = jax.lax.stop_gradient(x_max.value)
+        return fake_quant(x, lo, hi, self.bits, self.ste)

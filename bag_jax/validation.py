@@ -1,0 +1,146 @@
+"""Checks a config before anything is loaded or compiled.
+
+Every bad value raises ValueError naming the field (`quant.w_bits`), the value and what is
+allowed, so a typo costs a second, not a compilation.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+from bag_jax import quant
+
+MODES = ('quantize', 'teacher', 'evaluate')
+METHODS = ('gdfq', 'adadfq', 'bag')
+DATA_SOURCES = ('cifar100', 'cifar10', 'digits', 'npz')
+CHANNEL_ATTENTION_FORMS = ('energy', 'mean', 'softmax')
+CHANNEL_ATTENTION_LAYERS = ('branch', 'conv', 'unit_out', 'stage_out')
+
+
+def _get(config, field: str) -> Any:
+    value = config
+    for part in field.split('.'):
+        if part not in value:
+            raise ValueError(f'config field {field} is missing: start from a file in configs/, which sets every field.')
+        value = value[part]
+    return value
+
+
+def _int(config, field: str, minimum: int, maximum: int | None = None) -> int:
+    value = _get(config, field)
+    bad = not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum or (
+        maximum is not None and value > maximum)
+    if bad:
+        upper = f' and at most {maximum}' if maximum is not None else ''
+        raise ValueError(f'{field}={value!r} is not allowed: use an integer of at least {minimum}{upper}.')
+    return int(value)
+
+
+def _number(config, field: str, minimum: float = 0.0, *, strict: bool = False, maximum: float | None = None) -> float:
+    value = _get(config, field)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and (
+        value > minimum if strict else value >= minimum) and (maximum is None or value <= maximum)
+    if not ok:
+        bound = f'greater than {minimum}' if strict else f'at least {minimum}'
+        upper = f' and at most {maximum}' if maximum is not None else ''
+        raise ValueError(f'{field}={value!r} is not allowed: use a number {bound}{upper}.')
+    return float(value)
+
+
+def _choice(config, field: str, allowed: tuple[str, ...]) -> str:
+    return quant.check_choice(_get(config, field), allowed, field)
+
+
+def _optional_str(config, field: str) -> str | None:
+    value = _get(config, field)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ValueError(f'{field}={value!r} is not allowed: use a non-empty path, or leave it unset.')
+    return value
+
+
+def validate_data(config) -> None:
+    """Checks the `data` section: the source name and its path fields."""
+    name = _choice(config, 'data.name', DATA_SOURCES)
+    npz_path = _optional_str(config, 'data.npz_path')
+    _optional_str(config, 'data.tfds_dir')
+    if name == 'npz' and npz_path is None:
+        raise ValueError("data.name='npz' needs data.npz_path: the .npz file with x_train, y_train, x_test, y_test.")
+
+
+def validate_teacher(config) -> None:
+    """Checks the `teacher` section (architecture and full-precision training settings)."""
+    from bag_jax.models.resnet_cifar import units_per_stage
+    _optional_str(config, 'teacher.checkpoint')
+    units_per_stage(_get(config, 'teacher.depth'))
+    for field in ('teacher.epochs', 'teacher.batch_size'):
+        _int(config, field, 1)
+    _number(config, 'teacher.lr', strict=True)
+    _number(config, 'teacher.momentum', maximum=1.0)
+    _number(config, 'teacher.weight_decay')
+    _number(config, 'teacher.label_smoothing', maximum=1.0)
+
+
+def validate_quantize(config) -> None:
+    """Checks the fields of a data-free quantization run (method, bits, schedule, losses)."""
+    _choice(config, 'method', METHODS)
+    quant.check_bits(_get(config, 'quant.w_bits'), 'quant.w_bits')
+    quant.check_bits(_get(config, 'quant.a_bits'), 'quant.a_bits')
+    _choice(config, 'quant.range_rule', quant.RANGE_RULES)
+    _choice(config, 'quant.ste', quant.STE_MODES)
+    _int(config, 'seed', 0)
+    _int(config, 'num_seeds', 1)
+    _int(config, 'batch_size', 2)   # the generator's batch statistics need two samples
+    epochs = _int(config, 'epochs', 1)
+    _int(config, 'iters_per_epoch', 1)
+    _int(config, 'warmup_epochs', 0, epochs)
+    _int(config, 'calibration_epochs', 0, epochs)
+    _int(config, 'eval_batch_size', 1)
+    _int(config, 'image_grid_every', 0)
+    _int(config, 'log_every', 1)
+    milestones = _get(config, 'lr_milestones')
+    if not isinstance(milestones, (tuple, list)) or any(
+            not isinstance(m, numbers.Integral) or m < 1 for m in milestones) or list(milestones) != sorted(milestones):
+        raise ValueError(f'lr_milestones={milestones!r} is not allowed: use increasing positive epoch numbers, e.g. (100, 200, 300).')
+    _number(config, 'lr_decay', strict=True, maximum=1.0)
+    _int(config, 'generator.latent_dim', 1)
+    _number(config, 'generator.lr', strict=True)
+    _number(config, 'generator.b1', maximum=1.0)
+    _number(config, 'generator.b2', maximum=1.0)
+    for field in ('generator.quantize', 'generator.quantize_activations', 'student.nesterov'):
+        if not isinstance(_get(config, field), bool):
+            raise ValueError(f'{field}={_get(config, field)!r} is not allowed: use True or False.')
+    _number(config, 'student.lr', strict=True)
+    _number(config, 'student.momentum', maximum=1.0)
+    _number(config, 'student.weight_decay')
+    for field in ('loss.bns', 'loss.kd', 'loss.alpha_ds', 'loss.alpha_as', 'loss.balance', 'loss.channel_attention'):
+        _number(config, field)
+    _number(config, 'loss.temperature', strict=True)
+    lambda_l = _number(config, 'loss.lambda_l', maximum=1.0)
+    lambda_u = _number(config, 'loss.lambda_u', maximum=1.0)
+    if lambda_l > lambda_u:
+        raise ValueError(f'loss.lambda_l={lambda_l} is above loss.lambda_u={lambda_u}: the margin needs lambda_l <= lambda_u.')
+    _choice(config, 'loss.channel_attention_form', CHANNEL_ATTENTION_FORMS)
+    _choice(config, 'loss.channel_attention_layers', CHANNEL_ATTENTION_LAYERS)
+
+
+def validate_config(config) -> None:
+    """Checks every field the config's mode uses; raises ValueError on the first bad one."""
+    mode = _choice(config, 'mode', MODES)
+    validate_data(config)
+    if mode in ('quantize', 'teacher'):
+        validate_teacher(config)
+    if mode == 'quantize':
+        validate_quantize(config)
+    if mode == 'evaluate':
+        _optional_str(config, 'checkpoint')
+        if _get(config, 'checkpoint') is None:
+            raise ValueError('checkpoint is unset: pass --config.checkpoint=DIR, a teacher or student checkpoint.')
+        _int(config, 'eval_batch_size', 1)
+
+
+def check_divisible(batch_size: int, device_count: int, field: str = 'batch_size') -> None:
+    """Raises ValueError unless the global batch splits evenly over the devices."""
+    if batch_size % device_count:
+        raise ValueError(
+            f'{field}={batch_size} does not split over {device_count} devices: use a multiple of {device_count}.')

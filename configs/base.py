@@ -1,0 +1,93 @@
+"""Shared defaults for every bag-jax experiment; the other configs import and override these.
+
+Values follow the official GDFQ/AdaDFQ code (../shared/spec/reference-algorithms.md, sections 5
+and 6) for ResNet-20 on CIFAR-100. `get_config(method)` sets each method's own defaults:
+
+  gdfq    batch 200, L_G = CE + 0.1 BNS, L_Q = CE + KD (T=20)                       (spec 4.2, 6.1)
+  adadfq  batch 16,  L_G = margin + (0.2 L_ds + 0.1 L_as) + BNS, L_Q = -T^2 H (T=20) (spec 4.3, 6.2)
+  bag     adadfq + the generator quantized at the student's bit-widths
+        + channel-attention distillation (spec 8.2, our reading of the paper)
+
+Command-line overrides (`--config.quant.w_bits=4`) change single fields after that.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from bag_jax.validation import METHODS
+
+
+def get_config(method: str = 'bag') -> ml_collections.ConfigDict:
+    """Returns the CIFAR-100 ResNet-20 W3A3 experiment for `method` (one of METHODS)."""
+    if method not in METHODS:
+        raise ValueError(f'config argument {method!r} is not a method: choose one of {", ".join(METHODS)}.')
+    c = ml_collections.ConfigDict()
+    c.mode = 'quantize'            # 'quantize' | 'teacher' | 'evaluate'
+    c.method = method
+    c.seed = 0
+    c.num_seeds = 1                # independent generator/student pairs trained in one program
+
+    # Schedule (spec 5.1): 400 epochs x 200 iterations; the student is frozen for the first
+    # warmup_epochs while only the generator trains; activation ranges calibrate during the first
+    # calibration_epochs (hard-coded 4 in the reference) and are frozen afterwards.
+    c.batch_size = 200 if method == 'gdfq' else 16
+    c.epochs = 400
+    c.iters_per_epoch = 200
+    c.warmup_epochs = 4
+    c.calibration_epochs = 4
+    c.lr_milestones = (100, 200, 300)  # multiply both learning rates by lr_decay at these epochs
+    c.lr_decay = 0.1
+    c.eval_batch_size = 200
+    c.image_grid_every = 10        # epochs between PNG grids of generated images (0: never)
+    c.log_every = 1                # epochs between metric lines
+
+    c.quant = ml_collections.ConfigDict()
+    c.quant.w_bits = 3             # 1..16, or 32 for full precision
+    c.quant.a_bits = 3
+    c.quant.range_rule = 'reference'   # 'reference' (QuantAct's formula, spec 2.4) | 'ema'
+    c.quant.ste = 'identity'           # 'identity' (reference) | 'clipped'
+
+    c.generator = ml_collections.ConfigDict()
+    c.generator.latent_dim = 100
+    c.generator.lr = 1e-3
+    c.generator.b1 = 0.5
+    c.generator.b2 = 0.999
+    c.generator.quantize = method == 'bag'      # BAG: weights at quant.w_bits (spec 8.2a)
+    c.generator.quantize_activations = False    # also LeakyReLU outputs at quant.a_bits
+
+    c.student = ml_collections.ConfigDict()
+    c.student.lr = 1e-4
+    c.student.momentum = 0.9
+    c.student.nesterov = True
+    c.student.weight_decay = 1e-4  # coupled, as PyTorch's SGD (spec 9.15)
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.bns = 0.1 if method == 'gdfq' else 1.0   # GDFQ 0.1, AdaDFQ gamma = 1
+    c.loss.temperature = 20.0
+    c.loss.kd = 1.0                # GDFQ alpha
+    c.loss.alpha_ds = 0.2
+    c.loss.alpha_as = 0.1
+    c.loss.lambda_l = 0.1
+    c.loss.lambda_u = 0.8
+    c.loss.balance = 1.0           # AdaDFQ beta
+    # Channel-attention distillation weight mu (0 = off); AT's beta/2 = 500 (spec 8.2b).
+    c.loss.channel_attention = 500.0 if method == 'bag' else 0.0
+    c.loss.channel_attention_form = 'energy'    # 'energy' | 'mean' | 'softmax'
+    c.loss.channel_attention_layers = 'branch'  # 'branch' | 'conv' | 'unit_out' | 'stage_out'
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = 'cifar100'       # 'cifar100' | 'cifar10' | 'digits' | 'npz'
+    c.data.npz_path = config_dict.placeholder(str)
+    c.data.tfds_dir = config_dict.placeholder(str)
+
+    c.teacher = ml_collections.ConfigDict()
+    c.teacher.checkpoint = config_dict.placeholder(str)   # empty: train one into workdir/teacher
+    c.teacher.depth = 20
+    # Full-precision training, used when no checkpoint is given (see configs/cifar100_teacher.py).
+    c.teacher.epochs = 200
+    c.teacher.batch_size = 128
+    c.teacher.lr = 0.1
+    c.teacher.momentum = 0.9
+    c.teacher.weight_decay = 5e-4
+    c.teacher.label_smoothing = 0.0
+    return c
