@@ -1,0 +1,150 @@
+"""The losses of GDFQ, AdaDFQ and BAG as pure functions of arrays (spec 4 and 8.2b).
+
+Notation: t = teacher logits P(x), s = student logits Q(x), y = the labels the generator was
+conditioned on, all (B, C) / (B,). Each function returns a scalar (float32 array).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+# AKT's second softening of its channel-attention vectors (spec 8.2b).
+SOFTMAX_ATTENTION_TEMPERATURE = 8.0
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Softmax cross-entropy, mean over the batch (PyTorch's nn.CrossEntropyLoss)."""
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.mean(jnp.take_along_axis(log_p, labels[:, None], axis=-1))
+
+
+def entropy(logits: jax.Array) -> jax.Array:
+    """Per-sample entropy -sum_c p_c log p_c of softmax(logits). Returns (B,)."""
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
+
+
+def bns_loss(pairs: Sequence[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
+    """BN-statistics loss over the teacher's BatchNorms (spec 4.1).
+
+    `pairs` holds (BN input (B, H, W, C), running_mean (C,), running_var (C,)) per BN. For each,
+    the batch mean and biased variance over (B, H, W) are matched to the running statistics by
+    channel-mean squared error; the result is the mean over BNs.
+    """
+    terms = []
+    for x, running_mean, running_var in pairs:
+        axes = tuple(range(x.ndim - 1))
+        mean = jnp.mean(x, axis=axes)
+        var = jnp.mean(jnp.square(x - mean), axis=axes)
+        terms.append(jnp.mean(jnp.square(mean - running_mean)) + jnp.mean(jnp.square(var - running_var)))
+    return sum(terms) / len(terms)
+
+
+def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float) -> jax.Array:
+    """GDFQ's distillation term: T^2 * nn.KLDivLoss()(log_softmax(s/T), softmax(t/T)).
+
+    KLDivLoss's default 'mean' reduction divides the summed KL by B*C, not B, so this equals
+    (T^2 / C) * batch-mean KL(p_t || p_s) (spec 4.2, pitfall 9.2).
+    """
+    log_p_s = jax.nn.log_softmax(student_logits / temperature, axis=-1)
+    log_p_t = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
+    return temperature**2 * jnp.mean(jnp.exp(log_p_t) * (log_p_t - log_p_s))
+
+
+def gdfq_generator_loss(teacher_logits, labels, bns, bns_weight: float = 0.1) -> jax.Array:
+    """GDFQ's L_G = CE(t, y) + 0.1 * BNS (spec 4.2)."""
+    return cross_entropy(teacher_logits, labels) + bns_weight * bns
+
+
+def gdfq_student_loss(student_logits, teacher_logits, labels, temperature: float = 20.0,
+                      kd_weight: float = 1.0) -> jax.Array:
+    """GDFQ's L_Q = CE(s, y) + alpha * kd_loss(s, t, T) (spec 4.2)."""
+    return cross_entropy(student_logits, labels) + kd_weight * kd_loss(student_logits, teacher_logits, temperature)
+
+
+def normalized_entropy(teacher_logits, student_logits) -> jax.Array:
+    """AdaDFQ's sample adaptability H'_b in [0, 1] (spec 4.3). Returns (B,).
+
+    H_b is the entropy of the disagreement distribution softmax(t_b - s_b); H' rescales it by the
+    batch minimum (not detached, as in the reference) and the maximum log C.
+    """
+    h = entropy(teacher_logits - student_logits)
+    h_max = jnp.log(teacher_logits.shape[-1])
+    h_min = jnp.min(h)
+    return (h - h_min) / (h_max - h_min)
+
+
+def margin_loss(teacher_logits, student_logits, lambda_l: float = 0.1, lambda_u: float = 0.8) -> jax.Array:
+    """AdaDFQ's hinge keeping H' inside [lambda_l, lambda_u] (spec 4.3), for any batch size."""
+    h = normalized_entropy(teacher_logits, student_logits)
+    return jnp.mean(jnp.maximum(lambda_l - h, 0.0)) + jnp.mean(jnp.maximum(h - lambda_u, 0.0))
+
+
+def balance_loss(teacher_logits, student_logits, labels, alpha_ds: float = 0.2, alpha_as: float = 0.1) -> jax.Array:
+    """AdaDFQ's L_bal = alpha_ds CE(t - s, y) + alpha_as CE(t + s, y) (spec 4.3)."""
+    return (alpha_ds * cross_entropy(teacher_logits - student_logits, labels)
+            + alpha_as * cross_entropy(teacher_logits + student_logits, labels))
+
+
+def adadfq_generator_loss(teacher_logits, student_logits, labels, bns, *, lambda_l=0.1, lambda_u=0.8,
+                          alpha_ds=0.2, alpha_as=0.1, balance=1.0, bns_weight=1.0) -> jax.Array:
+    """AdaDFQ's L_G = L_margin + beta L_bal + gamma BNS; no plain CE(t, y) term (spec 4.3)."""
+    return (margin_loss(teacher_logits, student_logits, lambda_l, lambda_u)
+            + balance * balance_loss(teacher_logits, student_logits, labels, alpha_ds, alpha_as)
+            + bns_weight * bns)
+
+
+def adadfq_student_loss(student_logits, teacher_logits, temperature: float = 20.0) -> jax.Array:
+    """AdaDFQ's L_Q = -T^2 mean_b H(softmax((t_b - s_b) / T)) (spec 4.3, pitfall 9.4).
+
+    The student maximizes the entropy of the tempered disagreement: its logits approach the
+    teacher's up to a per-sample shift.
+    """
+    return -temperature**2 * jnp.mean(entropy((teacher_logits - student_logits) / temperature))
+
+
+def channel_attention(features: jax.Array, form: str = 'energy') -> jax.Array:
+    """Per-sample channel attention of a feature map (B, H, W, C). Returns (B, C).
+
+    'energy':  v_c = mean_hw F_c^2, L2-normalized over channels (spec 8.2b, the default);
+    'mean':    v_c = mean_hw F_c, no normalization (Channel Distillation, Zhou et al. 2020);
+    'softmax': softmax_c(mean_hw F_c^2) (AKT).
+    """
+    axes = tuple(range(1, features.ndim - 1))
+    if form == 'mean':
+        return jnp.mean(features, axis=axes)
+    energy = jnp.mean(jnp.square(features), axis=axes)
+    if form == 'softmax':
+        return jax.nn.softmax(energy, axis=-1)
+    norm = jnp.sqrt(jnp.sum(jnp.square(energy), axis=-1, keepdims=True))
+    return energy / jnp.maximum(norm, 1e-12)
+
+
+def channel_attention_loss(student_features: Sequence[jax.Array], teacher_features: Sequence[jax.Array],
+                           form: str = 'energy') -> jax.Array:
+    """Channel-attention distillation, summed over the distilled layers (spec 8.2b).
+
+    'energy':  sum_l mean_b ||A_s - A_t||_2^2 of the normalized energy vectors;
+    'mean':    sum_l mean_{b,c} (v_s - v_t)^2 (Channel Distillation's MSE);
+    'softmax': sum_l mean_b KL(softmax(A_t / 8) || softmax(A_s / 8)) (AKT's softened KL, averaged
+               over the batch rather than summed, so the weight does not depend on batch size).
+    The teacher features are taken as constants.
+    """
+    if len(student_features) != len(teacher_features):
+        raise ValueError(f'{len(student_features)} student feature maps against {len(teacher_features)} of the teacher.')
+    total = 0.0
+    for fs, ft in zip(student_features, teacher_features):
+        a_s = channel_attention(fs, form)
+        a_t = jax.lax.stop_gradient(channel_attention(ft, form))
+        if form == 'mean':
+            total += jnp.mean(jnp.square(a_s - a_t))
+        elif form == 'softmax':
+            log_q = jax.nn.log_softmax(a_s / SOFTMAX_ATTENTION_TEMPERATURE, axis=-1)
+            log_p = jax.nn.log_softmax(a_t / SOFTMAX_ATTENTION_TEMPERATURE, axis=-1)
+            total += jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1))
+        else:
+            total += jnp.mean(jnp.sum(jnp.square(a_s - a_t), axis=-1))
+    return total
