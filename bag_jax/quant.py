@@ -154,9 +154,10 @@ class QuantAct(nn.Module):
     """Per-tensor activation fake quantizer with a calibrated range (the reference's QuantAct).
 
     The range lives in the 'quant_stats' collection (x_min, x_max, beta_t; init 0, 0, 1). With
-    `calibrate=True` and 'quant_stats' mutable, each call first updates the range from this
-    batch's min/max (`update_range`), then quantizes with it, as the reference does while
-    `running_stat` is on; otherwise the stored range is used unchanged (frozen).
+    `calibrate` true (a Python bool or a traced scalar) and 'quant_stats' mutable, each call
+    first updates the range from this batch's min/max (`update_range`), then quantizes with it,
+    as the reference does while `running_stat` is on; otherwise the stored range is used
+    unchanged (frozen).
     """
     bits: Optional[int]
     range_rule: str = 'reference'
@@ -169,12 +170,14 @@ class QuantAct(nn.Module):
         x_min = self.variable('quant_stats', 'x_min', lambda: jnp.zeros((), jnp.float32))
         x_max = self.variable('quant_stats', 'x_max', lambda: jnp.zeros((), jnp.float32))
         beta_t = self.variable('quant_stats', 'beta_t', lambda: jnp.ones((), jnp.float32))
-        if calibrate and not self.is_initializing():
+        if calibrate is not False and not self.is_initializing():
             if not self.is_mutable_collection('quant_stats'):
                 raise ValueError("calibrate=True updates activation ranges: apply with mutable=['quant_stats'].")
             batch = jax.lax.stop_gradient(x)
-            x_min.value, x_max.value, beta_t.value = update_range(
-                x_min.value, x_max.value, beta_t.value, jnp.min(batch), jnp.max(batch), self.range_rule)
+            old = (x_min.value, x_max.value, beta_t.value)
+            new = update_range(*old, jnp.min(batch), jnp.max(batch), self.range_rule)
+            # `calibrate` may be a traced bool, so one compiled step serves both phases.
+            x_min.value, x_max.value, beta_t.value = (jnp.where(calibrate, n, o) for n, o in zip(new, old))
         lo = jax.lax.stop_gradient(x_min.value)
         hi = jax.lax.stop_gradient(x_max.value)
         return fake_quant(x, lo, hi, self.bits, self.ste)

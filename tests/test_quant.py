@@ -167,6 +167,17 @@ def test_frozen_range_is_used_unchanged():
         act.apply({'quant_stats': stats}, x, calibrate=True)
 
 
+def test_traced_calibrate_flag_switches_inside_one_program():
+    _, stats, act = _run_act('ema', [jnp.array([0.0, 4.0])])
+    step = jax.jit(lambda s, x, c: act.apply({'quant_stats': s}, x, calibrate=c, mutable=['quant_stats']))
+    x = jnp.array([0.0, 8.0])
+    _, frozen = step(stats, x, jnp.asarray(False))
+    _, updated = step(stats, x, jnp.asarray(True))
+    assert float(frozen['quant_stats']['x_max']) == 4.0
+    np.testing.assert_allclose(float(updated['quant_stats']['x_max']), 0.9 * 4.0 + 0.1 * 8.0, rtol=1e-6)
+    assert step._cache_size() == 1
+
+
 def test_full_precision_activation_is_identity_and_stateless():
     act = quant.QuantAct(bits=None)
     variables = act.init(jax.random.PRNGKey(0), jnp.zeros(3))
