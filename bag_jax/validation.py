@@ -59,9 +59,12 @@ def _optional_str(config, field: str) -> str | None:
     return value
 
 
-def validate_data(config) -> None:
+def validate_data(config, name_optional: bool = False) -> None:
     """Checks the `data` section: the source name and its path fields."""
-    name = _choice(config, 'data.name', DATA_SOURCES)
+    if name_optional and _get(config, 'data.name') is None:
+        name = None
+    else:
+        name = _choice(config, 'data.name', DATA_SOURCES)
     npz_path = _optional_str(config, 'data.npz_path')
     _optional_str(config, 'data.tfds_dir')
     if name == 'npz' and npz_path is None:
@@ -127,7 +130,7 @@ def validate_quantize(config) -> None:
 def validate_config(config) -> None:
     """Checks every field the config's mode uses; raises ValueError on the first bad one."""
     mode = _choice(config, 'mode', MODES)
-    validate_data(config)
+    validate_data(config, name_optional=mode == 'evaluate')
     if mode in ('quantize', 'teacher'):
         validate_teacher(config)
     if mode == 'quantize':

@@ -146,7 +146,7 @@ def test_cli_writes_a_teacher_checkpoint(tmp_path, capsys):
     model, variables, meta = checkpoint.load_teacher(str(out))
     assert (model.depth, model.num_classes) == (8, 10)
     assert meta == {
-        'arch': 'resnet_cifar', 'depth': 8, 'num_classes': 10, 'source': source.name,
+        'kind': 'teacher', 'arch': 'resnet_cifar', 'depth': 8, 'num_classes': 10, 'source': source.name,
         'data': {'name': 'cifar10', 'num_classes': 10, 'image_shape': [32, 32, 3],
                  'mean': [0.49139968, 0.48215827, 0.44653124], 'std': [0.24703233, 0.24348505, 0.26158768],
                  'augment': 'crop_flip'},

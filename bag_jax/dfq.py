@@ -1,0 +1,407 @@
+"""Data-free quantization training: GDFQ, AdaDFQ and BAG in one compiled, data-parallel step.
+
+One iteration (spec 5.2, 5.3) draws z and labels, generates a batch, takes one Adam step on the
+generator and one SGD step on the quantized student on that same batch. A whole epoch of
+iterations is one `lax.scan` inside one `jax.jit`, with the batch sharded over a ('data',) mesh;
+the epoch number is a traced argument, so the program compiles once for the whole run: the
+calibration phase (activation ranges update), the warm-up (the student does not step) and the
+learning-rate milestones are all decided inside it.
+
+`config.num_seeds = K` trains K independent generator/student pairs in the same program: every
+leaf of the training state has a leading axis of size K, and the epoch is `vmap`ped over it.
+
+Methods (`config.method`; each part of BAG switches off on its own):
+  gdfq    L_G = CE(t, y) + 0.1 BNS;  L_Q = CE(s, y) + KD                   (spec 4.2)
+  adadfq  L_G = margin + beta L_bal + gamma BNS, through P and Q;  L_Q = -T^2 H   (spec 4.3)
+  bag     adadfq, generator quantized at the student's bits (generator.quantize), plus
+          mu * channel-attention distillation in L_Q (loss.channel_attention)   (spec 8.2)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from tqdm import tqdm
+
+from bag_jax import checkpoint, data, evaluate, losses, metrics, parallel, quant, teacher, validation
+from bag_jax.models import Generator, ResNetCifar, bn_input_pairs, unit_features
+
+DFQ_STATE_DIR = 'dfq_state'
+IMAGES_DIR = 'images'
+ADAM_EPS = 1e-8
+
+
+@flax.struct.dataclass
+class DFQState:
+    """Everything a run needs to continue; each leaf has a leading seed axis of size K."""
+    step: jax.Array            # iterations done
+    rng: jax.Array             # PRNGKey per seed
+    gen_params: Any
+    gen_opt_state: Any
+    gen_quant_stats: Any       # {} unless generator.quantize_activations
+    stu_params: Any
+    stu_opt_state: Any
+    stu_quant_stats: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """The static side of a run: networks, optimizers and the values of the config the step uses."""
+    method: str
+    teacher: ResNetCifar
+    student: ResNetCifar
+    generator: Generator
+    num_classes: int
+    batch_size: int
+    latent_dim: int
+    iters_per_epoch: int
+    warmup_epochs: int
+    calibration_epochs: int
+    lr_milestones: tuple[int, ...]
+    lr_decay: float
+    generator_lr: float
+    student_lr: float
+    generator_tx: optax.GradientTransformation
+    student_tx: optax.GradientTransformation
+    loss: Any                  # a frozen copy of config.loss
+
+
+def build_setup(config, teacher_model: ResNetCifar, info: data.DatasetInfo) -> Setup:
+    """Builds the networks and optimizers that `config` describes around `teacher_model`."""
+    q = config.quant
+    w_bits = quant.check_bits(q.w_bits, 'quant.w_bits')
+    a_bits = quant.check_bits(q.a_bits, 'quant.a_bits')
+    student = ResNetCifar(num_classes=info.num_classes, depth=teacher_model.depth, w_bits=w_bits, a_bits=a_bits,
+                          range_rule=q.range_rule, ste=q.ste)
+    generator = Generator(num_classes=info.num_classes, image_shape=info.image_shape,
+                          latent_dim=config.generator.latent_dim,
+                          w_bits=w_bits if config.generator.quantize else None,
+                          a_bits=a_bits if config.generator.quantize_activations else None,
+                          range_rule=q.range_rule, ste=q.ste)
+    # Learning rates are applied in the step (they change with the epoch, a traced value), so
+    # the transforms stop before the learning-rate scaling. PyTorch's Adam and coupled-decay
+    # Nesterov SGD (spec 5.1, pitfall 9.15).
+    generator_tx = optax.scale_by_adam(b1=config.generator.b1, b2=config.generator.b2, eps=ADAM_EPS)
+    student_tx = optax.chain(optax.add_decayed_weights(config.student.weight_decay),
+                             optax.trace(decay=config.student.momentum, nesterov=config.student.nesterov))
+    return Setup(method=config.method, teacher=teacher_model, student=student, generator=generator,
+                 num_classes=info.num_classes, batch_size=config.batch_size, latent_dim=config.generator.latent_dim,
+                 iters_per_epoch=config.iters_per_epoch, warmup_epochs=config.warmup_epochs,
+                 calibration_epochs=config.calibration_epochs, lr_milestones=tuple(config.lr_milestones),
+                 lr_decay=config.lr_decay, generator_lr=config.generator.lr, student_lr=config.student.lr,
+                 generator_tx=generator_tx, student_tx=student_tx,
+                 loss=flax.core.FrozenDict(config.loss.to_dict()))
+
+
+def learning_rate(base: float, epoch, milestones: tuple[int, ...], decay: float):
+    """base * decay^(milestones passed): `epoch + 1 > m` in the reference's LRPolicy (spec 9.14)."""
+    passed = sum((epoch >= m).astype(jnp.float32) for m in milestones) if milestones else 0.0
+    return base * decay**passed
+
+
+def init_state(setup: Setup, teacher_variables, seed: int) -> DFQState:
+    """One seed's initial state: a fresh generator, the student a copy of the teacher (spec 1.1)."""
+    key = jax.random.PRNGKey(seed)
+    gen_key, stu_key, rng = jax.random.split(key, 3)
+    z = jnp.zeros((2, setup.latent_dim))
+    y = jnp.zeros((2,), jnp.int32)
+    gen_vars = setup.generator.init(gen_key, z, y)
+    stu_vars = setup.student.init(stu_key, jnp.zeros((1,) + setup.generator.image_shape))
+    stu_params = jax.tree.map(jnp.asarray, teacher_variables['params'])
+    return DFQState(step=jnp.zeros((), jnp.int32), rng=rng,
+                    gen_params=gen_vars['params'], gen_opt_state=setup.generator_tx.init(gen_vars['params']),
+                    gen_quant_stats=gen_vars.get('quant_stats', {}),
+                    stu_params=stu_params, stu_opt_state=setup.student_tx.init(stu_params),
+                    stu_quant_stats=stu_vars.get('quant_stats', {}))
+
+
+def distilled_features(collections, layers: str, units_per_stage: int) -> list[jax.Array]:
+    """The tensors channel attention compares, from a ResNet's sown collections (spec 8.2b):
+    'branch' (each unit's conv branch), 'unit_out', 'stage_out' (last unit of each stage), 'conv'
+    (every conv output, i.e. every BN input)."""
+    if layers == 'conv':
+        flat = flax.traverse_util.flatten_dict(collections['bn_inputs'])
+        return [flat[k] for k in sorted(flat)]
+    if layers == 'branch':
+        return unit_features(collections['features'], 'branch')
+    outs = unit_features(collections['features'], 'out')
+    return outs if layers == 'unit_out' else outs[units_per_stage - 1::units_per_stage]
+
+
+def _sown_collections(setup: Setup) -> list[str]:
+    uses_ca = setup.loss['channel_attention'] > 0
+    return ['features'] if uses_ca and setup.loss['channel_attention_layers'] != 'conv' else []
+
+
+def train_iteration(setup: Setup, state: DFQState, teacher_variables, epoch, data_sharding=None):
+    """One GDFQ/AdaDFQ/BAG iteration for one seed. Returns (state, metrics of scalars)."""
+    L = setup.loss
+    key = jax.random.fold_in(state.rng, state.step)
+    z_key, y_key = jax.random.split(key)
+    z = jax.random.normal(z_key, (setup.batch_size, setup.latent_dim))
+    y = jax.random.randint(y_key, (setup.batch_size,), 0, setup.num_classes)
+    if data_sharding is not None:
+        z, y = jax.lax.with_sharding_constraint((z, y), data_sharding)
+    calibrate = epoch < setup.calibration_epochs
+    train_student = epoch >= setup.warmup_epochs
+    uses_ca = L['channel_attention'] > 0
+    sown = _sown_collections(setup)
+    teacher_stats = teacher_variables['batch_stats']
+
+    def student_apply(params, quant_stats, x, extra=()):
+        return setup.student.apply({'params': params, 'batch_stats': teacher_stats, 'quant_stats': quant_stats}, x,
+                                   calibrate=calibrate, mutable=['quant_stats', *extra])
+
+    # Generator step: through the teacher (and, for AdaDFQ/BAG, the student's fake quantizers).
+    def generator_loss(gen_params):
+        x, gen_col = setup.generator.apply({'params': gen_params, 'quant_stats': state.gen_quant_stats}, z, y,
+                                           calibrate=calibrate, mutable=['quant_stats'])
+        t, t_col = setup.teacher.apply(teacher_variables, x, mutable=['bn_inputs', *sown])
+        bns = losses.bns_loss(bn_input_pairs(t_col['bn_inputs'], teacher_stats))
+        if setup.method == 'gdfq':
+            loss = losses.gdfq_generator_loss(t, y, bns, L['bns'])
+            stu_quant_stats = state.stu_quant_stats
+        else:
+            s, s_col = student_apply(jax.lax.stop_gradient(state.stu_params), state.stu_quant_stats, x)
+            loss = losses.adadfq_generator_loss(t, s, y, bns, lambda_l=L['lambda_l'], lambda_u=L['lambda_u'],
+                                                alpha_ds=L['alpha_ds'], alpha_as=L['alpha_as'],
+                                                balance=L['balance'], bns_weight=L['bns'])
+            stu_quant_stats = s_col['quant_stats']
+        return loss, (x, t, t_col, gen_col.get('quant_stats', {}), stu_quant_stats, bns)
+
+    (loss_g, aux), gen_grads = jax.value_and_grad(generator_loss, has_aux=True)(state.gen_params)
+    x, t, t_col, gen_quant_stats, stu_quant_stats, bns = aux
+    gen_lr = learning_rate(setup.generator_lr, epoch, setup.lr_milestones, setup.lr_decay)
+    gen_updates, gen_opt_state = setup.generator_tx.update(gen_grads, state.gen_opt_state, state.gen_params)
+    gen_params = optax.apply_updates(state.gen_params, jax.tree.map(lambda u: -gen_lr * u, gen_updates))
+
+    # Student step on the same batch, detached, with the teacher's logits and features (spec 9.10).
+    x, t = jax.lax.stop_gradient(x), jax.lax.stop_gradient(t)
+    n_units = (setup.teacher.depth - 2) // 6
+    layers = L['channel_attention_layers']
+
+    def student_loss(stu_params):
+        s, s_col = student_apply(stu_params, stu_quant_stats, x, (['bn_inputs'] if uses_ca and layers == 'conv' else sown))
+        if setup.method == 'gdfq':
+            loss = losses.gdfq_student_loss(s, t, y, L['temperature'], L['kd'])
+        else:
+            loss = losses.adadfq_student_loss(s, t, L['temperature'])
+        ca = jnp.zeros(())
+        if uses_ca:
+            ca = losses.channel_attention_loss(distilled_features(s_col, layers, n_units),
+                                               distilled_features(t_col, layers, n_units),
+                                               L['channel_attention_form'])
+        return loss + L['channel_attention'] * ca, (s, s_col['quant_stats'], ca)
+
+    (loss_s, (s, stu_quant_stats, ca)), stu_grads = jax.value_and_grad(student_loss, has_aux=True)(state.stu_params)
+    stu_lr = learning_rate(setup.student_lr, epoch, setup.lr_milestones, setup.lr_decay)
+
+    def student_update(_):
+        updates, opt_state = setup.student_tx.update(stu_grads, state.stu_opt_state, state.stu_params)
+        return optax.apply_updates(state.stu_params, jax.tree.map(lambda u: -stu_lr * u, updates)), opt_state
+
+    # The student's optimizer does not step during warm-up, so its momentum starts after it (9.14).
+    stu_params, stu_opt_state = jax.lax.cond(train_student, student_update,
+                                             lambda _: (state.stu_params, state.stu_opt_state), None)
+    new_state = DFQState(step=state.step + 1, rng=state.rng, gen_params=gen_params, gen_opt_state=gen_opt_state,
+                         gen_quant_stats=gen_quant_stats, stu_params=stu_params, stu_opt_state=stu_opt_state,
+                         stu_quant_stats=stu_quant_stats)
+    step_metrics = {'loss_g': loss_g, 'loss_s': loss_s, 'bns': bns, 'channel_attention': ca,
+                    'teacher_acc': jnp.mean(jnp.argmax(t, -1) == y),
+                    'agreement': jnp.mean(jnp.argmax(s, -1) == jnp.argmax(t, -1))}
+    return new_state, step_metrics
+
+
+def make_train_epoch(setup: Setup, mesh, num_seeds: int) -> Callable:
+    """Compiles one epoch: (state, teacher_variables, epoch) -> (state, metrics).
+
+    The iterations run in a `lax.scan`; the metrics are epoch means, each of shape (K,). The
+    state's buffers are donated.
+    """
+    data_sharding = parallel.batch_sharded(mesh)
+
+    def one_seed(state, teacher_variables, epoch):
+        def body(carry, _):
+            return train_iteration(setup, carry, teacher_variables, epoch, data_sharding)
+        state, per_iteration = jax.lax.scan(body, state, None, length=setup.iters_per_epoch)
+        return state, jax.tree.map(jnp.mean, per_iteration)
+
+    epoch_fn = jax.vmap(one_seed, in_axes=(0, None, None)) if num_seeds > 1 else _with_seed_axis(one_seed)
+    repl = parallel.replicated(mesh)
+    return jax.jit(epoch_fn, donate_argnums=(0,), out_shardings=(repl, repl))
+
+
+def _with_seed_axis(fn):
+    """Runs a one-seed function on a state with a leading seed axis of size 1 (no vmap needed)."""
+    def wrapped(state, *args):
+        out = fn(jax.tree.map(lambda a: a[0], state), *args)
+        return jax.tree.map(lambda a: a[None], out)
+    return wrapped
+
+
+def student_variables(state: DFQState, teacher_variables) -> dict:
+    """The students' variables (leading seed axis), BN statistics being the teacher's (spec 2.5)."""
+    return {'params': state.stu_params, 'quant_stats': state.stu_quant_stats,
+            'batch_stats': teacher_variables['batch_stats']}
+
+
+def make_student_eval_step(setup: Setup, info: data.DatasetInfo, mesh) -> Callable:
+    """Eval step over all seeds' students at once: counts of shape (K,)."""
+    def apply_all(variables, images):
+        per_seed = {k: v for k, v in variables.items() if k != 'batch_stats'}
+        return jax.vmap(lambda v: setup.student.apply({**v, 'batch_stats': variables['batch_stats']}, images))(per_seed)
+    return evaluate.make_eval_step(apply_all, info, mesh)
+
+
+def make_generate(setup: Setup) -> Callable:
+    """Compiles image generation by the first seed's generator: (state, z, y) -> images."""
+    def generate(state, z, y):
+        variables = {'params': jax.tree.map(lambda a: a[0], state.gen_params),
+                     'quant_stats': jax.tree.map(lambda a: a[0], state.gen_quant_stats)}
+        return setup.generator.apply(variables, z, y)
+    return jax.jit(generate)
+
+
+def _summary_stats(values: list[float]) -> dict[str, float]:
+    arr = np.asarray(values, np.float64)
+    return {'mean': float(arr.mean()), 'std': float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
+
+
+def load_teacher_for(config, workdir: str, dataset: data.ArrayDataset):
+    """The teacher (trained first if needed) and its description, checked against the data."""
+    directory = teacher.ensure_teacher(config, workdir, dataset)
+    model, variables, meta = checkpoint.load_teacher(directory)
+    info = data.DatasetInfo.from_dict(meta['data'])
+    checkpoint.check_compatible(info, dataset.info, 'teacher.checkpoint')
+    return model, variables, meta, info
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+    """Runs data-free quantization as `config` says; returns the summary written to
+    `workdir/summary.json` (accuracies in percent, per seed and, with several, mean and std)."""
+    validation.validate_config(config)
+    devices = jax.device_count()
+    validation.check_divisible(config.batch_size, devices, 'batch_size')
+    validation.check_divisible(config.eval_batch_size, devices, 'eval_batch_size')
+    dataset = data.load_dataset(config.data)
+    teacher_model, teacher_host, teacher_meta, info = load_teacher_for(config, workdir, dataset)
+    setup = build_setup(config, teacher_model, info)
+    mesh = parallel.make_mesh()
+    K = config.num_seeds
+    teacher_variables = parallel.replicate(teacher_host, mesh)
+
+    # The teacher's own top-1, measured here on the same test split.
+    teacher_eval = evaluate.make_eval_step(lambda v, x: teacher_model.apply(v, x), info, mesh)
+    teacher_top1 = evaluate.evaluate(teacher_eval, teacher_variables, dataset, mesh, config.eval_batch_size)['top1']
+
+    init_all = jax.vmap(lambda seed: init_state(setup, teacher_host, seed))
+    state = jax.jit(init_all, out_shardings=parallel.replicated(mesh))(config.seed + jnp.arange(K))
+    train_epoch = make_train_epoch(setup, mesh, K)
+    eval_step = make_student_eval_step(setup, info, mesh)
+    generate = make_generate(setup)
+    grid_z = jax.random.normal(jax.random.PRNGKey(config.seed + 10_000), (10 * 4 * 2, setup.latent_dim))
+    grid_y = jnp.arange(grid_z.shape[0]) % info.num_classes
+
+    history = {'top1': [], 'top5': []}
+    ptq_top1, wall_s, start = None, 0.0, 0
+    with checkpoint.TrainingCheckpoints(os.path.join(workdir, DFQ_STATE_DIR)) as ckpts, \
+            metrics.MetricWriter(workdir) as writer:
+        restored = ckpts.restore(state)
+        if restored is not None:
+            start, state, meta = restored
+            history, ptq_top1, wall_s = meta['history'], meta['ptq_top1'], meta['wall_s']
+            logging.info('quantization: resuming after epoch %d of %d', start, config.epochs)
+        progress = tqdm(range(start, config.epochs), initial=start, total=config.epochs, desc=config.method,
+                        unit='epoch', disable=None if jax.process_index() == 0 else True)
+        for epoch in progress:
+            t0 = time.time()
+            state, epoch_metrics = train_epoch(state, teacher_variables, jnp.int32(epoch))
+            epoch_metrics = {k: np.asarray(v) for k, v in parallel.to_host(epoch_metrics).items()}
+            for name, values in epoch_metrics.items():
+                if not np.all(np.isfinite(values)):
+                    last = ckpts.latest_epoch()
+                    raise FloatingPointError(
+                        f'epoch {epoch}: {name} is {values.tolist()} (not finite). Stopped; the last good checkpoint '
+                        f'({"none yet" if last is None else f"after epoch {last}"}) is kept in '
+                        f'{os.path.join(workdir, DFQ_STATE_DIR)}. Lower generator.lr/student.lr or check the teacher.')
+            result = evaluate.evaluate(eval_step, student_variables(state, teacher_variables), dataset, mesh,
+                                       config.eval_batch_size)
+            top1, top5 = np.atleast_1d(result['top1']).tolist(), np.atleast_1d(result['top5']).tolist()
+            history['top1'].append(top1)
+            history['top5'].append(top5)
+            if epoch == config.warmup_epochs - 1:
+                ptq_top1 = top1     # calibrated, not yet fine-tuned
+            wall_s += time.time() - t0
+            scalars = {k: float(v.mean()) for k, v in epoch_metrics.items()}
+            scalars.update(top1=float(np.mean(top1)), top5=float(np.mean(top5)),
+                           lr_student=float(learning_rate(setup.student_lr, jnp.int32(epoch), setup.lr_milestones, setup.lr_decay)),
+                           epoch_s=time.time() - t0)
+            if epoch % config.log_every == 0 or epoch == config.epochs - 1:
+                writer.write(epoch + 1, scalars, phase=config.method)
+            progress.set_postfix(loss_g=f'{scalars["loss_g"]:.3f}', loss_s=f'{scalars["loss_s"]:.3f}',
+                                 top1=f'{scalars["top1"]:.2f}')
+            if config.image_grid_every and (epoch % config.image_grid_every == 0 or epoch == config.epochs - 1) \
+                    and jax.process_index() == 0:
+                images = np.asarray(generate(state, grid_z, grid_y))
+                os.makedirs(os.path.join(workdir, IMAGES_DIR), exist_ok=True)
+                metrics.save_png(os.path.join(workdir, IMAGES_DIR, f'epoch_{epoch + 1:04d}.png'),
+                                 metrics.image_grid(images, np.asarray(grid_y), info.num_classes, per_class=8))
+            ckpts.save(epoch + 1, state, {'epoch': epoch + 1, 'history': history, 'ptq_top1': ptq_top1,
+                                          'wall_s': wall_s})
+
+    host_state = parallel.to_host(state)
+    for k in range(K):
+        directory = os.path.join(workdir, 'student' if K == 1 else f'student_seed{config.seed + k}')
+        if not checkpoint.is_teacher_checkpoint(directory):
+            variables = {'params': jax.tree.map(lambda a: a[k], host_state.stu_params),
+                         'quant_stats': jax.tree.map(lambda a: a[k], host_state.stu_quant_stats),
+                         'batch_stats': teacher_host['batch_stats']}
+            meta = {**teacher.teacher_meta(info, teacher_model.depth, source=f'{config.method} from {teacher_meta["source"]}'),
+                    'quant': {'w_bits': setup.student.w_bits, 'a_bits': setup.student.a_bits,
+                              'range_rule': config.quant.range_rule, 'ste': config.quant.ste},
+                    'top1': history['top1'][-1][k]}
+            checkpoint.save_model(directory, variables, meta, 'student')
+    summary = make_summary(config, history, ptq_top1, teacher_top1, wall_s, devices)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+            json.dump(summary, f, indent=2)
+    logging.info('summary: %s', summary)
+    return summary
+
+
+def make_summary(config, history, ptq_top1, teacher_top1, wall_s, devices) -> dict[str, Any]:
+    """The run's summary from the per-epoch accuracies (history['top1'][epoch][seed], percent)."""
+    top1 = np.asarray(history['top1'], np.float64)            # (epochs, K)
+    best_epoch = top1.argmax(axis=0)
+    per_seed = {
+        'seed': [config.seed + k for k in range(top1.shape[1])],
+        'best_top1': top1.max(axis=0).tolist(), 'best_epoch': (best_epoch + 1).tolist(),
+        'last_top1': top1[-1].tolist(), 'ptq_top1': ptq_top1,
+    }
+    single = top1.shape[1] == 1
+    summary = {
+        'method': config.method, 'w_bits': config.quant.w_bits, 'a_bits': config.quant.a_bits,
+        'teacher_top1': teacher_top1,
+        'ptq_top1': (ptq_top1[0] if single else _summary_stats(ptq_top1)) if ptq_top1 is not None else None,
+        'best_top1': per_seed['best_top1'][0] if single else _summary_stats(per_seed['best_top1']),
+        'best_epoch': per_seed['best_epoch'][0] if single else per_seed['best_epoch'],
+        'last_top1': per_seed['last_top1'][0] if single else _summary_stats(per_seed['last_top1']),
+        'epochs': config.epochs, 'iterations': config.epochs * config.iters_per_epoch,
+        'batch_size': config.batch_size, 'num_seeds': top1.shape[1],
+        'wall_s': wall_s, 'devices': devices,
+        'note': 'best_top1 is the best epoch on the test split (how the papers report); last_top1 is the final epoch',
+    }
+    if not single:
+        summary['per_seed'] = per_seed
+    return summary
