@@ -37,9 +37,10 @@ def initialize_distributed() -> None:
                  jax.local_device_count(), jax.device_count())
 
 
-def make_mesh() -> Mesh:
-    """A ('data',) mesh over every device of every process."""
-    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+def make_mesh(devices=None) -> Mesh:
+    """A ('data',) mesh over `devices`, by default every device of every process."""
+    devices = jax.devices() if devices is None else list(devices)
+    return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

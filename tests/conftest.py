@@ -11,3 +11,34 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 # configs/ imports `from configs import base`, as when run.py runs from the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+
+
+def tiny_config(method: str = 'bag'):
+    """A digits run small enough for CI: depth-8 teacher, batch 8, 2 epochs of 2 iterations."""
+    from configs import base
+    c = base.get_config(method)
+    c.data.name = 'digits'
+    c.teacher.depth = 8
+    c.teacher.epochs = 2
+    c.teacher.batch_size = 64
+    c.teacher.lr = 0.05
+    c.batch_size = 8
+    c.epochs = 2
+    c.iters_per_epoch = 2
+    c.warmup_epochs = 1
+    c.calibration_epochs = 1
+    c.lr_milestones = (1,)
+    c.generator.latent_dim = 16
+    c.eval_batch_size = 200
+    c.image_grid_every = 1
+    return c
+
+
+@pytest.fixture(scope='session')
+def digits_teacher(tmp_path_factory):
+    """A depth-8 ResNet teacher trained for 2 epochs on digits, shared by the tests that need one."""
+    from bag_jax import teacher
+    workdir = tmp_path_factory.mktemp('digits_teacher')
+    return teacher.train_teacher(tiny_config(), str(workdir))

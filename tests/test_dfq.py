@@ -1,0 +1,246 @@
+"""The joint GDFQ/AdaDFQ/BAG step and the training loop, on tiny digits runs."""
+
+import json
+import os
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bag_jax import checkpoint, data, dfq, experiment, losses, metrics, parallel
+from configs import evaluate as evaluate_config
+from tests.conftest import tiny_config
+
+
+def config_with(digits_teacher, method_name='bag', **overrides):
+    c = tiny_config(method_name)
+    c.teacher.checkpoint = digits_teacher
+    for key, value in overrides.items():
+        node = c
+        *path, last = key.split('.')
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return c
+
+
+def make_setup(config):
+    model, variables, meta = checkpoint.load_teacher(config.teacher.checkpoint)
+    info = data.DatasetInfo.from_dict(meta['data'])
+    return dfq.build_setup(config, model, info), variables
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol), a, b)
+
+
+def trees_equal(a, b):
+    return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.array_equal(np.asarray(x), np.asarray(y))), a, b)))
+
+
+def test_learning_rate_milestones():
+    lr = lambda e: float(dfq.learning_rate(1e-4, jnp.int32(e), (100, 200, 300), 0.1))
+    assert [lr(0), lr(99)] == pytest.approx([1e-4, 1e-4])
+    assert [lr(100), lr(199), lr(200), lr(300), lr(399)] == pytest.approx([1e-5, 1e-5, 1e-6, 1e-7, 1e-7])
+
+
+def test_methods_and_ablations_build_the_right_networks(digits_teacher):
+    setup, _ = make_setup(config_with(digits_teacher, 'bag'))
+    assert setup.generator.w_bits == 3 and setup.generator.a_bits is None
+    assert setup.student.w_bits == 3 and setup.student.a_bits == 3
+    assert setup.loss['channel_attention'] > 0 and setup.loss['bns'] == 1.0
+    setup, _ = make_setup(config_with(digits_teacher, 'bag', **{'generator.quantize': False,
+                                                                'generator.quantize_activations': True}))
+    assert setup.generator.w_bits is None and setup.generator.a_bits == 3
+    setup, _ = make_setup(config_with(digits_teacher, 'adadfq'))
+    assert setup.generator.w_bits is None and setup.loss['channel_attention'] == 0
+    setup, _ = make_setup(config_with(digits_teacher, 'gdfq', **{'quant.w_bits': 4, 'quant.a_bits': 32}))
+    assert setup.loss['bns'] == 0.1 and setup.student.w_bits == 4 and setup.student.a_bits is None
+
+
+@pytest.mark.parametrize('layers,count', [('branch', 3), ('unit_out', 3), ('stage_out', 3), ('conv', 9)])
+def test_distilled_feature_selection(digits_teacher, layers, count):
+    model, variables, _ = checkpoint.load_teacher(digits_teacher)
+    _, col = model.apply(variables, jnp.zeros((2, 8, 8, 1)), mutable=['features', 'bn_inputs'])
+    feats = dfq.distilled_features(col, layers, units_per_stage=1)
+    assert len(feats) == count
+    assert [f.shape[-1] for f in feats][-1] == 64
+
+
+def run_iteration(setup, variables, state, epoch):
+    return jax.jit(lambda s: dfq.train_iteration(setup, s, variables, jnp.int32(epoch)))(state)
+
+
+@pytest.mark.parametrize('method,updates_per_iteration', [('adadfq', 2), ('bag', 2), ('gdfq', 1)])
+def test_warmup_calibration_then_finetuning(digits_teacher, method, updates_per_iteration):
+    setup, variables = make_setup(config_with(digits_teacher, method, **{'quant.range_rule': 'reference'}))
+    state = dfq.init_state(setup, variables, seed=0)
+    assert trees_equal(state.stu_params, variables['params'])            # Q starts as the teacher
+
+    # Epoch 0: ranges calibrate (one update per student forward), only the generator steps.
+    after, m = run_iteration(setup, variables, state, 0)
+    beta_t = after.stu_quant_stats['init_block']['act_quant']['beta_t']
+    np.testing.assert_allclose(beta_t, 0.9**updates_per_iteration, rtol=1e-6)
+    assert trees_equal(after.stu_params, state.stu_params)
+    assert trees_equal(after.stu_opt_state, state.stu_opt_state)
+    assert not trees_equal(after.gen_params, state.gen_params)
+    assert all(np.isfinite(float(v)) for v in m.values())
+
+    # Epoch 1 (after warm-up and calibration): ranges frozen, the student steps too.
+    later, _ = run_iteration(setup, variables, after, 1)
+    assert trees_equal(later.stu_quant_stats, after.stu_quant_stats)
+    assert not trees_equal(later.stu_params, after.stu_params)
+    assert int(later.step) == 2
+
+
+def test_generator_learns_through_the_student_only_in_adadfq(digits_teacher):
+    """AdaDFQ's L_G reaches G through Q's fake quantizers (spec 9.11); GDFQ's does not use Q."""
+    for method, depends in [('adadfq', True), ('gdfq', False)]:
+        setup, variables = make_setup(config_with(digits_teacher, method))
+        state = dfq.init_state(setup, variables, seed=0)
+        other = state.replace(stu_params=jax.tree.map(lambda p: p * 1.5, state.stu_params))
+        a, _ = run_iteration(setup, variables, state, 0)
+        b, _ = run_iteration(setup, variables, other, 0)
+        assert trees_equal(a.gen_params, b.gen_params) != depends
+
+
+def test_one_program_for_every_epoch_and_sharding_gives_the_single_device_result(digits_teacher):
+    c = config_with(digits_teacher, 'bag')
+    setup, variables = make_setup(c)
+    results = {}
+    for name, devices in [('four', jax.devices()), ('one', jax.devices()[:1])]:
+        mesh = parallel.make_mesh(devices)
+        state = jax.jit(jax.vmap(lambda s: dfq.init_state(setup, variables, s)),
+                        out_shardings=parallel.replicated(mesh))(jnp.arange(1))
+        epoch_fn = dfq.make_train_epoch(setup, mesh, num_seeds=1)
+        teacher_vars = parallel.replicate(variables, mesh)
+        history = []
+        for epoch in range(3):             # calibration, then fine-tuning past the lr milestone
+            state, m = epoch_fn(state, teacher_vars, jnp.int32(epoch))
+            history.append(parallel.to_host(m))
+        assert epoch_fn._cache_size() == 1, 'recompiled across epochs'
+        results[name] = (parallel.to_host(state), history)
+    assert len(jax.devices()) == 4
+    (four, four_metrics), (one, one_metrics) = results['four'], results['one']
+    # The losses are those of the global batch, whatever the sharding.
+    assert_trees_close(four_metrics, one_metrics, rtol=1e-3, atol=1e-4)
+    assert_trees_close(four.stu_params, one.stu_params, rtol=1e-4, atol=1e-5)
+    assert_trees_close(four.stu_quant_stats, one.stu_quant_stats, rtol=1e-5)
+    assert_generators_close(four.gen_params, one.gen_params, c.generator.lr)
+
+
+def assert_generators_close(a, b, lr):
+    """Generator parameters (leading seed axis) equal up to float rounding amplified by Adam.
+
+    The biases of l1, conv1 and conv2 feed a BatchNorm, so their gradient is zero up to
+    rounding, and Adam turns that noise into steps of up to lr: they are only bounded.
+    """
+    noise = {('l1', 'bias'), ('conv1', 'bias'), ('conv2', 'bias')}
+    flat_a, flat_b = flax.traverse_util.flatten_dict(a), flax.traverse_util.flatten_dict(b)
+    assert flat_a.keys() == flat_b.keys()
+    for path in flat_a:
+        x, y = np.asarray(flat_a[path]), np.asarray(flat_b[path])
+        if path in noise:
+            assert np.abs(x - y).max() < 6 * lr
+        else:
+            assert np.mean(np.abs(x - y) <= 1e-4 + 1e-3 * np.abs(y)) > 0.99, path
+
+
+def test_seeds_in_one_program_match_separate_runs(digits_teacher):
+    c = config_with(digits_teacher, 'adadfq')
+    setup, variables = make_setup(c)
+    mesh = parallel.make_mesh()
+    teacher_vars = parallel.replicate(variables, mesh)
+    epoch_fns = {k: dfq.make_train_epoch(setup, mesh, num_seeds=k) for k in (1, 2)}
+
+    def run(seeds):
+        state = jax.vmap(lambda s: dfq.init_state(setup, variables, s))(jnp.asarray(seeds))
+        state, m = epoch_fns[len(seeds)](parallel.replicate(state, mesh), teacher_vars, jnp.int32(1))
+        return parallel.to_host(state), parallel.to_host(m)
+
+    both, both_metrics = run([3, 4])
+    for k, seed in enumerate([3, 4]):
+        alone, alone_metrics = run([seed])
+        pick = lambda tree: jax.tree.map(lambda a: a[k:k + 1], tree)
+        assert_trees_close(pick(both_metrics), alone_metrics, rtol=1e-3, atol=1e-4)
+        assert_trees_close(pick(both.stu_params), alone.stu_params, rtol=1e-4, atol=1e-5)
+        assert_generators_close(pick(both.gen_params), alone.gen_params, c.generator.lr)
+    assert not trees_equal(pick(both.gen_params), jax.tree.map(lambda a: a[:1], both.gen_params))
+
+
+@pytest.mark.parametrize('method', ['gdfq', 'adadfq', 'bag'])
+def test_end_to_end(digits_teacher, tmp_path, method):
+    c = config_with(digits_teacher, method)
+    summary = experiment.run(c, str(tmp_path))
+    with open(tmp_path / 'summary.json') as f:
+        assert json.load(f) == summary
+    for key in ('method', 'w_bits', 'a_bits', 'teacher_top1', 'ptq_top1', 'best_top1', 'best_epoch', 'last_top1',
+                'epochs', 'iterations', 'wall_s', 'devices'):
+        assert key in summary
+    assert summary['method'] == method and summary['iterations'] == 4 and summary['devices'] == 4
+    assert summary['teacher_top1'] == pytest.approx(checkpoint.load_teacher(digits_teacher)[2]['top1'])
+    assert summary['best_top1'] >= summary['last_top1'] and 1 <= summary['best_epoch'] <= 2
+    lines = [m for m in metrics.read_metrics(str(tmp_path)) if m['phase'] == method]
+    assert [m['step'] for m in lines] == [1, 2]
+    assert lines[-1]['top1'] == pytest.approx(summary['last_top1'])
+    assert sorted(os.listdir(tmp_path / 'images')) == ['epoch_0001.png', 'epoch_0002.png']
+    # The student checkpoint evaluates to the last epoch's accuracy.
+    e = evaluate_config.get_config()
+    e.checkpoint = str(tmp_path / 'student')
+    assert experiment.run(e, str(tmp_path / 'eval'))['top1'] == pytest.approx(summary['last_top1'])
+
+
+def test_interrupted_run_resumes_exactly(digits_teacher, tmp_path, monkeypatch):
+    c = config_with(digits_teacher, 'bag', epochs=3)
+    reference = dfq.train_and_evaluate(c, str(tmp_path / 'a'))
+
+    original = metrics.MetricWriter.write
+
+    def crash(self, step, *args, **kwargs):
+        if step == 2 and kwargs.get('phase') == 'bag':
+            raise KeyboardInterrupt('simulated interruption')
+        return original(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(metrics.MetricWriter, 'write', crash)
+    with pytest.raises(KeyboardInterrupt):
+        dfq.train_and_evaluate(c, str(tmp_path / 'b'))
+    monkeypatch.setattr(metrics.MetricWriter, 'write', original)
+    resumed = dfq.train_and_evaluate(c, str(tmp_path / 'b'))
+    for key in ('best_top1', 'last_top1', 'ptq_top1', 'best_epoch'):
+        assert resumed[key] == reference[key]
+    a = checkpoint.load_model(str(tmp_path / 'a' / 'student'))[2]
+    b = checkpoint.load_model(str(tmp_path / 'b' / 'student'))[2]
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_non_finite_loss_stops_with_the_epoch_and_the_loss(digits_teacher, tmp_path, monkeypatch):
+    c = config_with(digits_teacher, 'adadfq')
+    monkeypatch.setattr(losses, 'adadfq_student_loss', lambda *a, **k: jnp.float32(jnp.nan))
+    with pytest.raises(FloatingPointError, match=r'epoch 0: loss_s is \[nan\].*none yet'):
+        dfq.train_and_evaluate(c, str(tmp_path))
+
+
+def test_bad_configs_fail_before_compiling(digits_teacher, tmp_path):
+    cases = [
+        ({'method': 'zeroq'}, "method='zeroq' is not allowed: choose one of 'gdfq', 'adadfq', 'bag'"),
+        ({'quant.w_bits': 0}, 'quant.w_bits=0 is not a valid bit-width'),
+        ({'quant.a_bits': 17}, 'quant.a_bits=17'),
+        ({'batch_size': 6}, 'batch_size=6 does not split over 4 devices'),
+        ({'loss.channel_attention_layers': 'all'}, 'loss.channel_attention_layers'),
+        ({'warmup_epochs': 5}, 'warmup_epochs=5'),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ValueError, match=message):
+            dfq.train_and_evaluate(config_with(digits_teacher, 'bag', **overrides), str(tmp_path))
+
+
+def test_teacher_that_does_not_fit_the_data(digits_teacher, tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / 'three_classes.npz'
+    np.savez(path, x_train=rng.integers(0, 256, (30, 8, 8), np.uint8), y_train=np.arange(30) % 3,
+             x_test=rng.integers(0, 256, (9, 8, 8), np.uint8), y_test=np.arange(9) % 3)
+    c = config_with(digits_teacher, 'bag', **{'data.name': 'npz', 'data.npz_path': str(path)})
+    with pytest.raises(ValueError, match=r"teacher.checkpoint was made for 'digits' \(10 classes.*has 3 classes"):
+        dfq.train_and_evaluate(c, str(tmp_path / 'w'))

@@ -1,0 +1,100 @@
+"""Teacher training, resume and evaluation on the bundled digits (real data, offline)."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from bag_jax import checkpoint, evaluate, experiment, metrics, teacher
+from configs import evaluate as evaluate_config
+from tests.conftest import tiny_config
+
+
+def test_digits_teacher_reaches_90_percent(tmp_path):
+    c = tiny_config()
+    c.teacher.epochs = 5
+    directory = teacher.train_teacher(c, str(tmp_path))
+    model, variables, meta = checkpoint.load_teacher(directory)
+    assert meta['top1'] >= 90.0, meta
+    assert meta['data']['name'] == 'digits' and meta['data']['image_shape'] == [8, 8, 1]
+    assert meta['num_classes'] == 10 and model.depth == 8
+    lines = [m for m in metrics.read_metrics(str(tmp_path)) if m['phase'] == 'teacher']
+    assert [m['step'] for m in lines] == [1, 2, 3, 4, 5]
+    assert lines[-1]['test_top1'] == pytest.approx(meta['top1'])
+    assert os.listdir(tmp_path / 'tensorboard')
+
+
+def test_interrupted_teacher_resumes_to_the_same_parameters(tmp_path, monkeypatch):
+    c = tiny_config()
+    uninterrupted = checkpoint.load_teacher(teacher.train_teacher(c, str(tmp_path / 'a')))[1]
+
+    calls = []
+    original = metrics.MetricWriter.write
+
+    def crash_in_epoch_two(self, step, *args, **kwargs):
+        calls.append(step)
+        if step == 2:
+            raise KeyboardInterrupt('simulated interruption')
+        return original(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(metrics.MetricWriter, 'write', crash_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        teacher.train_teacher(c, str(tmp_path / 'b'))
+    monkeypatch.setattr(metrics.MetricWriter, 'write', original)
+    assert not checkpoint.is_teacher_checkpoint(str(tmp_path / 'b' / 'teacher'))
+    resumed = checkpoint.load_teacher(teacher.train_teacher(c, str(tmp_path / 'b')))[1]
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), uninterrupted, resumed)
+
+
+def test_evaluate_mode_writes_summary(digits_teacher, tmp_path):
+    c = evaluate_config.get_config()
+    c.checkpoint = digits_teacher
+    summary = experiment.run(c, str(tmp_path))
+    with open(tmp_path / 'summary.json') as f:
+        written = json.load(f)
+    assert written == summary
+    assert summary['kind'] == 'teacher' and summary['dataset'] == 'digits'
+    assert summary['images'] == 450                       # a quarter of the 1797 digits
+    assert summary['top1'] == pytest.approx(checkpoint.load_teacher(digits_teacher)[2]['top1'])
+    assert summary['top1'] <= summary['top5'] <= 100.0
+
+
+def test_evaluate_counts_against_numpy(digits_teacher):
+    from bag_jax import data, parallel
+    model, variables, meta = checkpoint.load_teacher(digits_teacher)
+    ds = data.load_dataset(tiny_config().data)
+    mesh = parallel.make_mesh()
+    step = evaluate.make_eval_step(lambda v, x: model.apply(v, x), ds.info, mesh)
+    result = evaluate.evaluate(step, parallel.replicate(variables, mesh), ds, mesh, 8)   # many padded batches
+    logits = np.asarray(model.apply(variables, data.normalize(ds.x_test, ds.info)))
+    top5 = np.argsort(-logits, axis=1)[:, :5]
+    assert result['top1'] == pytest.approx(100 * np.mean(logits.argmax(1) == ds.y_test))
+    assert result['top5'] == pytest.approx(100 * np.mean((top5 == ds.y_test[:, None]).any(1)))
+
+
+def test_quantization_reuses_a_finished_teacher(digits_teacher, tmp_path, monkeypatch):
+    workdir = tmp_path / 'run'
+    os.makedirs(workdir)
+    os.symlink(digits_teacher, workdir / 'teacher')
+    monkeypatch.setattr(teacher, 'train_teacher', lambda *a, **k: pytest.fail('trained again'))
+    assert teacher.ensure_teacher(tiny_config(), str(workdir)) == str(workdir / 'teacher')
+    c = tiny_config()
+    c.teacher.checkpoint = '/given/elsewhere'
+    assert teacher.ensure_teacher(c, str(workdir)) == '/given/elsewhere'
+
+
+def test_bad_teacher_settings_fail_before_compiling(tmp_path):
+    c = tiny_config()
+    c.teacher.batch_size = 6
+    with pytest.raises(ValueError, match='teacher.batch_size=6 does not split over 4 devices'):
+        teacher.train_teacher(c, str(tmp_path))
+    c = tiny_config()
+    c.teacher.lr = -1.0
+    with pytest.raises(ValueError, match='teacher.lr=-1.0'):
+        teacher.train_teacher(c, str(tmp_path))
+    c = evaluate_config.get_config()
+    c.checkpoint = str(tmp_path / 'missing')
+    with pytest.raises(FileNotFoundError, match='is not a teacher or student checkpoint'):
+        experiment.run(c, str(tmp_path))
