@@ -1,12 +1,21 @@
 """Test setup: four emulated CPU devices, so sharded code runs for real on one machine."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import jax
 
 NUM_TEST_DEVICES = 4
 jax.config.update('jax_num_cpu_devices', NUM_TEST_DEVICES)
+# Tests build the same programs many times over (every run makes fresh jit closures); a
+# compilation cache shared by the session compiles each once. XLA on CPU compiles slowly.
+_CACHE_DIR = tempfile.mkdtemp(prefix='bag_jax_test_xla_cache_')
+atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+jax.config.update('jax_compilation_cache_dir', _CACHE_DIR)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 # configs/ imports `from configs import base`, as when run.py runs from the repository root.

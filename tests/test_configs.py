@@ -1,0 +1,125 @@
+"""Every shipped config validates; bad values name their field; run.py parses and dispatches."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bag_jax import validation
+from configs import base, cifar100_teacher, cifar100_w3a3, cifar100_w4a4, cifar100_w5a5, cifar10_teacher, digits_w3a3
+from configs import evaluate as evaluate_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize('module', [cifar100_w3a3, cifar100_w4a4, cifar100_w5a5, digits_w3a3])
+@pytest.mark.parametrize('method', ['gdfq', 'adadfq', 'bag'])
+def test_quantization_configs_validate(module, method):
+    c = module.get_config(method)
+    validation.validate_config(c)
+    assert c.method == method and c.mode == 'quantize'
+
+
+def test_bit_widths_of_the_cifar_configs():
+    for module, bits in [(cifar100_w3a3, 3), (cifar100_w4a4, 4), (cifar100_w5a5, 5)]:
+        c = module.get_config()
+        assert (c.quant.w_bits, c.quant.a_bits) == (bits, bits)
+
+
+def test_method_defaults_follow_the_reference_configs():
+    gdfq, adadfq, bag = (cifar100_w3a3.get_config(m) for m in ('gdfq', 'adadfq', 'bag'))
+    assert (gdfq.batch_size, gdfq.loss.bns, gdfq.generator.quantize, gdfq.loss.channel_attention) == (200, 0.1, False, 0)
+    assert (adadfq.batch_size, adadfq.loss.bns, adadfq.generator.quantize, adadfq.loss.channel_attention) == (16, 1.0, False, 0)
+    assert (bag.batch_size, bag.loss.bns, bag.generator.quantize) == (16, 1.0, True) and bag.loss.channel_attention > 0
+    for c in (gdfq, adadfq, bag):
+        assert (c.epochs, c.iters_per_epoch, c.warmup_epochs, c.calibration_epochs) == (400, 200, 4, 4)
+        assert tuple(c.lr_milestones) == (100, 200, 300) and (c.student.lr, c.generator.lr) == (1e-4, 1e-3)
+        assert (c.loss.alpha_ds, c.loss.alpha_as, c.loss.lambda_l, c.loss.lambda_u) == (0.2, 0.1, 0.1, 0.8)
+    with pytest.raises(ValueError, match="'zeroq' is not a method"):
+        base.get_config('zeroq')
+
+
+def test_other_configs_validate():
+    validation.validate_config(cifar100_teacher.get_config())
+    assert cifar10_teacher.get_config().data.name == 'cifar10'
+    c = evaluate_config.get_config()
+    with pytest.raises(ValueError, match='checkpoint is unset'):
+        validation.validate_config(c)
+    c.checkpoint = '/some/dir'
+    validation.validate_config(c)
+
+
+BAD_VALUES = [
+    ('mode', 'train', "mode='train' is not allowed: choose one of 'quantize', 'teacher', 'evaluate'"),
+    ('method', 'qimera', "method='qimera' is not allowed"),
+    ('quant.w_bits', 0, 'quant.w_bits=0 is not a valid bit-width: use an integer from 1 to 16, or 32'),
+    ('quant.a_bits', 20, 'quant.a_bits=20'),
+    ('quant.range_rule', 'minmax', "quant.range_rule='minmax'.*'reference', 'ema'"),
+    ('quant.ste', 'soft', "quant.ste='soft'"),
+    ('batch_size', 1, 'batch_size=1 is not allowed: use an integer of at least 2'),
+    ('epochs', 0, 'epochs=0'),
+    ('iters_per_epoch', -3, 'iters_per_epoch=-3'),
+    ('seed', -1, 'seed=-1'),
+    ('num_seeds', 0, 'num_seeds=0'),
+    ('warmup_epochs', 401, 'warmup_epochs=401 is not allowed: use an integer of at least 0 and at most 400'),
+    ('lr_milestones', (300, 100), 'lr_milestones=.*increasing'),
+    ('student.lr', 0.0, 'student.lr=0.0 is not allowed: use a number greater than 0'),
+    ('loss.lambda_l', 0.9, 'loss.lambda_l=0.9 is above loss.lambda_u=0.8'),
+    ('loss.channel_attention', -1.0, 'loss.channel_attention=-1.0'),
+    ('loss.channel_attention_form', 'kl', "loss.channel_attention_form='kl'"),
+    ('data.name', 'imagenet', "data.name='imagenet' is not allowed: choose one of 'cifar100', 'cifar10', 'digits', 'npz'"),
+    ('teacher.depth', 18, 'teacher.depth=18 is not a basic-block CIFAR ResNet depth'),
+    ('teacher.checkpoint', '', "teacher.checkpoint='' is not allowed"),
+]
+
+
+@pytest.mark.parametrize('field,value,message', BAD_VALUES)
+def test_bad_values_name_the_field(field, value, message):
+    c = cifar100_w3a3.get_config()
+    node = c
+    *path, last = field.split('.')
+    for part in path:
+        node = node[part]
+    with c.unlocked():
+        node[last] = value
+    with pytest.raises(ValueError, match=message):
+        validation.validate_config(c)
+
+
+def test_npz_needs_a_path():
+    c = digits_w3a3.get_config()
+    c.data.name = 'npz'
+    with pytest.raises(ValueError, match='data.npz_path'):
+        validation.validate_config(c)
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, 'run.py', *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+
+
+def test_cli_overrides_reach_validation(tmp_path):
+    result = run_cli('--config=configs/cifar100_w3a3.py', '--config.quant.w_bits=0', f'--workdir={tmp_path}')
+    assert result.returncode != 0
+    assert 'quant.w_bits=0 is not a valid bit-width' in result.stderr
+    result = run_cli('--config=configs/cifar100_w3a3.py:gdfq', '--config.quant.wbits=4', f'--workdir={tmp_path}')
+    assert result.returncode != 0 and 'Did you mean "w_bits"' in result.stderr
+    result = run_cli('--config=configs/cifar100_w3a3.py')
+    assert result.returncode != 0 and '--workdir' in result.stderr
+
+
+def test_cli_cifar_without_data_says_what_to_do(tmp_path):
+    result = run_cli('--config=configs/cifar100_w3a3.py', f'--config.data.tfds_dir={tmp_path / "tfds"}',
+                     f'--workdir={tmp_path / "w"}')
+    assert result.returncode != 0
+    assert 'download_and_prepare' in result.stderr and 'data.tfds_dir' in result.stderr
+
+
+def test_cli_end_to_end_on_digits(digits_teacher, tmp_path):
+    result = run_cli('--config=configs/digits_w3a3.py', f'--config.teacher.checkpoint={digits_teacher}',
+                     '--config.epochs=1', '--config.iters_per_epoch=2', '--config.warmup_epochs=0',
+                     '--config.calibration_epochs=1', '--config.batch_size=8', '--config.generator.latent_dim=16',
+                     f'--workdir={tmp_path}')
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / 'summary.json').exists() and (tmp_path / 'student' / 'student.json').exists()
