@@ -7,13 +7,15 @@ import sys
 import pytest
 
 from bag_jax import validation
-from configs import base, cifar100_teacher, cifar100_w3a3, cifar100_w4a4, cifar100_w5a5, cifar10_teacher, digits_w3a3
+from configs import (base, cifar100_teacher, cifar100_w3a3, cifar100_w4a4, cifar100_w5a5, cifar10_teacher,
+                     cifar10_w3a3, cifar10_w4a4, cifar10_w5a5, digits_w3a3)
 from configs import evaluate as evaluate_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize('module', [cifar100_w3a3, cifar100_w4a4, cifar100_w5a5, digits_w3a3])
+@pytest.mark.parametrize('module', [cifar100_w3a3, cifar100_w4a4, cifar100_w5a5, cifar10_w3a3, cifar10_w4a4,
+                                    cifar10_w5a5, digits_w3a3])
 @pytest.mark.parametrize('method', ['gdfq', 'adadfq', 'bag'])
 def test_quantization_configs_validate(module, method):
     c = module.get_config(method)
@@ -22,9 +24,11 @@ def test_quantization_configs_validate(module, method):
 
 
 def test_bit_widths_of_the_cifar_configs():
-    for module, bits in [(cifar100_w3a3, 3), (cifar100_w4a4, 4), (cifar100_w5a5, 5)]:
+    for module, bits, name in [(cifar100_w3a3, 3, 'cifar100'), (cifar100_w4a4, 4, 'cifar100'),
+                               (cifar100_w5a5, 5, 'cifar100'), (cifar10_w3a3, 3, 'cifar10'),
+                               (cifar10_w4a4, 4, 'cifar10'), (cifar10_w5a5, 5, 'cifar10')]:
         c = module.get_config()
-        assert (c.quant.w_bits, c.quant.a_bits) == (bits, bits)
+        assert (c.quant.w_bits, c.quant.a_bits, c.data.name) == (bits, bits, name)
 
 
 def test_method_defaults_follow_the_reference_configs():

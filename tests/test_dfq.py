@@ -244,3 +244,13 @@ def test_teacher_that_does_not_fit_the_data(digits_teacher, tmp_path):
     c = config_with(digits_teacher, 'bag', **{'data.name': 'npz', 'data.npz_path': str(path)})
     with pytest.raises(ValueError, match=r"teacher.checkpoint was made for 'digits' \(10 classes.*has 3 classes"):
         dfq.train_and_evaluate(c, str(tmp_path / 'w'))
+
+
+def test_one_command_trains_the_teacher_first(tmp_path):
+    c = tiny_config('bag')
+    assert c.teacher.checkpoint is None
+    summary = experiment.run(c, str(tmp_path))
+    teacher_meta = checkpoint.load_teacher(str(tmp_path / 'teacher'))[2]
+    assert summary['teacher_top1'] == pytest.approx(teacher_meta['top1'])
+    phases = [m['phase'] for m in metrics.read_metrics(str(tmp_path))]
+    assert phases == ['teacher', 'teacher', 'bag', 'bag']
