@@ -31,6 +31,13 @@ META_KEYS = ('arch', 'depth', 'num_classes', 'data')
 DATA_KEYS = ('name', 'num_classes', 'image_shape', 'mean', 'std')
 
 
+def model_meta(info, depth: int, source: str, **extra) -> dict[str, Any]:
+    """The JSON description of a ResNetCifar of `depth` for data described by `info` (a
+    data.DatasetInfo); `extra` adds fields (accuracies, a student's 'quant')."""
+    return {'arch': 'resnet_cifar', 'depth': depth, 'num_classes': info.num_classes, 'data': info.to_dict(),
+            'source': source, **extra}
+
+
 def save_teacher(directory: str, variables: dict, meta: dict[str, Any]) -> None:
     """Writes a teacher checkpoint to `directory` (created; must not hold one already).
 

@@ -50,13 +50,9 @@ from bag_jax.models.resnet_cifar import STAGE_CHANNELS
 PTH_EXPECTED = ('a PyTorch state dict saved with torch.save (legacy or zip serialization), '
                 'or the model zoo\'s .pth.zip holding one .pth')
 
-# The zoo's CIFAR models: class count and input normalization (spec 1.3); images are 32x32 RGB.
-_DATASETS = {
-    'cifar100': dict(num_classes=100, mean=data.CIFAR100_MEAN, std=data.CIFAR100_STD),
-    'cifar10': dict(num_classes=10, mean=data.CIFAR10_MEAN, std=data.CIFAR10_STD),
-}
+# The zoo's CIFAR models: class count, input size and normalization (spec 1.3).
+_DATASETS = ('cifar100', 'cifar10')
 IMAGE_SHAPE = (32, 32, 3)
-AUGMENT = 'crop_flip'
 
 _LEGACY_MAGIC = 0x1950a86a20f9469cfc6c   # torch.serialization.MAGIC_NUMBER
 _LEGACY_PROTOCOL = 1001                 # torch.serialization.PROTOCOL_VERSION
@@ -446,15 +442,11 @@ def teacher_meta(dataset: str, depth: int, num_classes: int, source: str) -> dic
     if dataset not in _DATASETS:
         raise ValueError(f'dataset={dataset!r} is not one the pytorchcv CIFAR models use; '
                          f'use one of {sorted(_DATASETS)}.')
-    info = _DATASETS[dataset]
-    if info['num_classes'] != num_classes:
-        raise ValueError(f'dataset={dataset!r} has {info["num_classes"]} classes, but the network '
+    info = data.cifar_info(dataset)
+    if info.num_classes != num_classes:
+        raise ValueError(f'dataset={dataset!r} has {info.num_classes} classes, but the network '
                          f'has {num_classes} outputs.')
-    return {
-        'arch': 'resnet_cifar', 'depth': depth, 'num_classes': num_classes, 'source': source,
-        'data': {'name': dataset, 'num_classes': num_classes, 'image_shape': list(IMAGE_SHAPE),
-                 'mean': list(info['mean']), 'std': list(info['std']), 'augment': AUGMENT},
-    }
+    return checkpoint.model_meta(info, depth, source)
 
 
 def convert(path: str, out: str, dataset: Optional[str] = None) -> dict[str, Any]:

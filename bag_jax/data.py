@@ -245,13 +245,23 @@ def _load_tfds(name: str, tfds_dir: str | None, process_index: int, process_coun
         where = f'data.tfds_dir={tfds_dir!r}' if tfds_dir is not None else 'the default tfds directory'
         raise _tfds_unavailable(name, f'reading it from {where} failed ({type(e).__name__}: {e})',
                                 tfds_dir) from e
-    num_classes, mean, std = _TFDS_SOURCES[name]
-    info = DatasetInfo(name=name, num_classes=num_classes, image_shape=x_train.shape[1:],
-                       mean=mean, std=std, augment='crop_flip')
+    info = cifar_info(name)
+    if info.image_shape != x_train.shape[1:]:
+        raise ValueError(f'{name}: expected images {info.image_shape}, the prepared copy has {x_train.shape[1:]}.')
     ds = ArrayDataset(info=info, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
                       num_test_total=num_test_total)
     _log_loaded(ds, process_index, process_count)
     return ds
+
+
+def cifar_info(name: str) -> DatasetInfo:
+    """The DatasetInfo of 'cifar100' or 'cifar10' (32x32 RGB, the reference's normalization),
+    known without loading anything."""
+    if name not in _TFDS_SOURCES:
+        raise ValueError(f'{name!r} is not a CIFAR dataset; use one of {", ".join(_TFDS_SOURCES)}.')
+    num_classes, mean, std = _TFDS_SOURCES[name]
+    return DatasetInfo(name=name, num_classes=num_classes, image_shape=(32, 32, 3), mean=mean, std=std,
+                       augment='crop_flip')
 
 
 def _tf_dataset_to_numpy(tfds, ds) -> tuple[np.ndarray, np.ndarray]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from typing import Any, Callable
@@ -367,10 +366,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
             variables = {'params': jax.tree.map(lambda a: a[k], host_state.stu_params),
                          'quant_stats': jax.tree.map(lambda a: a[k], host_state.stu_quant_stats),
                          'batch_stats': teacher_host['batch_stats']}
-            meta = {**teacher.teacher_meta(info, teacher_model.depth, source=f'{config.method} from {teacher_meta["source"]}'),
-                    'quant': {'w_bits': setup.student.w_bits, 'a_bits': setup.student.a_bits,
-                              'range_rule': config.quant.range_rule, 'ste': config.quant.ste},
-                    'top1': history['top1'][-1][k]}
+            meta = checkpoint.model_meta(
+                info, teacher_model.depth, source=f'{config.method} from {teacher_meta["source"]}',
+                quant={'w_bits': setup.student.w_bits, 'a_bits': setup.student.a_bits,
+                       'range_rule': config.quant.range_rule, 'ste': config.quant.ste},
+                top1=history['top1'][-1][k])
             checkpoint.save_model(directory, variables, meta, 'student')
     summary = make_summary(config, history, ptq_top1, teacher_top1, wall_s, devices)
     if jax.process_index() == 0:

@@ -20,7 +20,7 @@ import optax
 from absl import logging
 from tqdm import tqdm
 
-from bag_jax import checkpoint, data, evaluate, losses, metrics, parallel, validation
+from bag_jax import checkpoint, data, evaluate, metrics, parallel, validation
 from bag_jax.models import ResNetCifar
 
 TEACHER_DIR = 'teacher'
@@ -69,12 +69,6 @@ def make_train_step(model: ResNetCifar, tx: optax.GradientTransformation, info: 
 
     repl = parallel.replicated(mesh)
     return jax.jit(step, donate_argnums=(0,), out_shardings=(repl, repl))
-
-
-def teacher_meta(info: data.DatasetInfo, depth: int, source: str, **extra) -> dict[str, Any]:
-    """The teacher.json description of a network trained on `info`'s data."""
-    return {'arch': 'resnet_cifar', 'depth': depth, 'num_classes': info.num_classes,
-            'data': info.to_dict(), 'source': source, **extra}
 
 
 def train_teacher(config, workdir: str, dataset: data.ArrayDataset | None = None) -> str:
@@ -132,7 +126,7 @@ def train_teacher(config, workdir: str, dataset: data.ArrayDataset | None = None
 
     variables = parallel.to_host({'params': state.params, 'batch_stats': state.batch_stats})
     directory = os.path.join(workdir, TEACHER_DIR)
-    meta = teacher_meta(info, tc.depth, source=f'trained by bag_jax.teacher, {tc.epochs} epochs',
+    meta = checkpoint.model_meta(info, tc.depth, source=f'trained by bag_jax.teacher, {tc.epochs} epochs',
                         top1=result.get('top1'), top5=result.get('top5'))
     checkpoint.save_teacher(directory, variables, meta)
     logging.info('teacher: top-1 %.2f %%, top-5 %.2f %%, written to %s', result.get('top1', float('nan')),

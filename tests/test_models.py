@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bag_jax import quant
 from bag_jax.models import Generator, ResNetCifar, bn_input_pairs, unit_features
 from tests.test_quant import numpy_reference
 
