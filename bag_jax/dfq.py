@@ -1,11 +1,12 @@
 """Data-free quantization training: GDFQ, AdaDFQ and BAG in one compiled, data-parallel step.
 
 One iteration (spec 5.2, 5.3) draws z and labels, generates a batch, takes one Adam step on the
-generator and one SGD step on the quantized student on that same batch. A whole epoch of
-iterations is one `lax.scan` inside one `jax.jit`, with the batch sharded over a ('data',) mesh;
-the epoch number is a traced argument, so the program compiles once for the whole run: the
-calibration phase (activation ranges update), the warm-up (the student does not step) and the
-learning-rate milestones are all decided inside it.
+generator and one SGD step on the quantized student on that same batch, all in one compiled
+program with the batch sharded over a ('data',) mesh. On GPU and TPU a whole epoch of iterations
+is one `lax.scan` inside that program (on CPU, see `make_train_epoch`). The epoch number is a
+traced argument, so the program compiles once for the whole run: the calibration phase
+(activation ranges update), the warm-up (the student does not step) and the learning-rate
+milestones are all decided inside it.
 
 `config.num_seeds = K` trains K independent generator/student pairs in the same program: every
 leaf of the training state has a leading axis of size K, and the epoch is `vmap`ped over it.
@@ -222,23 +223,46 @@ def train_iteration(setup: Setup, state: DFQState, teacher_variables, epoch, dat
     return new_state, step_metrics
 
 
-def make_train_epoch(setup: Setup, mesh, num_seeds: int) -> Callable:
+def make_train_epoch(setup: Setup, mesh, num_seeds: int, loop: str = 'auto') -> Callable:
     """Compiles one epoch: (state, teacher_variables, epoch) -> (state, metrics).
 
-    The iterations run in a `lax.scan`; the metrics are epoch means, each of shape (K,). The
-    state's buffers are donated.
+    The metrics are epoch means, each of shape (K,); the state's buffers are donated.
+    `loop='scan'` runs the iterations in a `lax.scan` inside one program. `loop='python'` compiles
+    one iteration and calls it `iters_per_epoch` times. XLA:CPU runs convolutions inside a while
+    loop 10-70x slower than the same convolutions outside one (bench/NOTES.md), so 'auto' takes
+    'python' on CPU and 'scan' on GPU and TPU. Both compile once for the whole run
+    (`epoch_fn.cache_size()` counts the programs).
     """
+    if loop == 'auto':
+        loop = 'python' if mesh.devices.flat[0].platform == 'cpu' else 'scan'
     data_sharding = parallel.batch_sharded(mesh)
-
-    def one_seed(state, teacher_variables, epoch):
-        def body(carry, _):
-            return train_iteration(setup, carry, teacher_variables, epoch, data_sharding)
-        state, per_iteration = jax.lax.scan(body, state, None, length=setup.iters_per_epoch)
-        return state, jax.tree.map(jnp.mean, per_iteration)
-
-    epoch_fn = jax.vmap(one_seed, in_axes=(0, None, None)) if num_seeds > 1 else _with_seed_axis(one_seed)
     repl = parallel.replicated(mesh)
-    return jax.jit(epoch_fn, donate_argnums=(0,), out_shardings=(repl, repl))
+
+    def over_seeds(fn):
+        return jax.vmap(fn, in_axes=(0, None, None)) if num_seeds > 1 else _with_seed_axis(fn)
+
+    def iteration(state, teacher_variables, epoch):
+        return train_iteration(setup, state, teacher_variables, epoch, data_sharding)
+
+    if loop == 'scan':
+        def one_seed(state, teacher_variables, epoch):
+            state, per_iteration = jax.lax.scan(lambda carry, _: iteration(carry, teacher_variables, epoch), state,
+                                                None, length=setup.iters_per_epoch)
+            return state, jax.tree.map(jnp.mean, per_iteration)
+        compiled = jax.jit(over_seeds(one_seed), donate_argnums=(0,), out_shardings=(repl, repl))
+        epoch_fn = lambda state, teacher_variables, epoch: compiled(state, teacher_variables, epoch)
+    else:
+        compiled = jax.jit(over_seeds(iteration), donate_argnums=(0,), out_shardings=(repl, repl))
+
+        def epoch_fn(state, teacher_variables, epoch):
+            per_iteration = []
+            for _ in range(setup.iters_per_epoch):
+                state, step_metrics = compiled(state, teacher_variables, epoch)
+                per_iteration.append(step_metrics)
+            return state, jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs), axis=0), *per_iteration)
+    epoch_fn.cache_size = compiled._cache_size
+    epoch_fn.loop = loop
+    return epoch_fn
 
 
 def _with_seed_axis(fn):
@@ -306,7 +330,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
     init_all = jax.vmap(lambda seed: init_state(setup, teacher_host, seed))
     state = jax.jit(init_all, out_shardings=parallel.replicated(mesh))(config.seed + jnp.arange(K))
-    train_epoch = make_train_epoch(setup, mesh, K)
+    train_epoch = make_train_epoch(setup, mesh, K, config.epoch_loop)
     eval_step = make_student_eval_step(setup, info, mesh)
     generate = make_generate(setup)
     grid_z = jax.random.normal(jax.random.PRNGKey(config.seed + 10_000), (10 * 4 * 2, setup.latent_dim))

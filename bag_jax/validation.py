@@ -16,6 +16,7 @@ METHODS = ('gdfq', 'adadfq', 'bag')
 DATA_SOURCES = ('cifar100', 'cifar10', 'digits', 'npz')
 CHANNEL_ATTENTION_FORMS = ('energy', 'mean', 'softmax')
 CHANNEL_ATTENTION_LAYERS = ('branch', 'conv', 'unit_out', 'stage_out')
+EPOCH_LOOPS = ('auto', 'scan', 'python')
 
 
 def _get(config, field: str) -> Any:
@@ -99,6 +100,7 @@ def validate_quantize(config) -> None:
     _int(config, 'warmup_epochs', 0, epochs)
     _int(config, 'calibration_epochs', 0, epochs)
     _int(config, 'eval_batch_size', 1)
+    _choice(config, 'epoch_loop', EPOCH_LOOPS)
     _int(config, 'image_grid_every', 0)
     _int(config, 'log_every', 1)
     milestones = _get(config, 'lr_milestones')

@@ -38,6 +38,9 @@ def get_config(method: str = 'bag') -> ml_collections.ConfigDict:
     c.lr_milestones = (100, 200, 300)  # multiply both learning rates by lr_decay at these epochs
     c.lr_decay = 0.1
     c.eval_batch_size = 200
+    # 'scan': an epoch is one compiled loop; 'python': one compiled iteration called per step;
+    # 'auto': 'python' on CPU (XLA:CPU is slow at convolutions inside loops), else 'scan'.
+    c.epoch_loop = 'auto'
     c.image_grid_every = 10        # epochs between PNG grids of generated images (0: never)
     c.log_every = 1                # epochs between metric lines
 

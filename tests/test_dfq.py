@@ -120,7 +120,7 @@ def test_one_program_for_every_epoch_and_sharding_gives_the_single_device_result
         for epoch in range(3):             # calibration, then fine-tuning past the lr milestone
             state, m = epoch_fn(state, teacher_vars, jnp.int32(epoch))
             history.append(parallel.to_host(m))
-        assert epoch_fn._cache_size() == 1, 'recompiled across epochs'
+        assert epoch_fn.cache_size() == 1, 'recompiled across epochs'
         results[name] = (parallel.to_host(state), history)
     assert len(jax.devices()) == 4
     (four, four_metrics), (one, one_metrics) = results['four'], results['one']
@@ -129,6 +129,21 @@ def test_one_program_for_every_epoch_and_sharding_gives_the_single_device_result
     assert_trees_close(four.stu_params, one.stu_params, rtol=1e-4, atol=1e-5)
     assert_trees_close(four.stu_quant_stats, one.stu_quant_stats, rtol=1e-5)
     assert_generators_close(four.gen_params, one.gen_params, c.generator.lr)
+
+
+def test_scan_and_python_epoch_loops_agree(digits_teacher):
+    setup, variables = make_setup(config_with(digits_teacher, 'adadfq'))
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    teacher_vars = parallel.replicate(variables, mesh)
+    out = {}
+    for loop in ('scan', 'python'):
+        state = parallel.replicate(jax.vmap(lambda s: dfq.init_state(setup, variables, s))(jnp.arange(1)), mesh)
+        epoch_fn = dfq.make_train_epoch(setup, mesh, num_seeds=1, loop=loop)
+        assert epoch_fn.loop == loop
+        for epoch in range(2):
+            state, m = epoch_fn(state, teacher_vars, jnp.int32(epoch))
+        out[loop] = parallel.to_host((state.stu_params, state.stu_quant_stats, m))
+    assert_trees_close(out['scan'], out['python'], rtol=1e-4, atol=1e-5)
 
 
 def assert_generators_close(a, b, lr):

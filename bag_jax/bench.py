@@ -1,0 +1,171 @@
+"""Times the real joint GDFQ/AdaDFQ/BAG training step, with a random teacher (no data needed).
+
+    python -m bag_jax.bench --config=configs/cifar100_w3a3.py [--config.batch_size=16] --steps=N
+
+It builds the epoch function of `--steps` iterations that training runs (`dfq.make_train_epoch`),
+runs it once to compile (compile_s = that call less a timed one) and `--repeats` times more, and
+prints per-iteration times. The last line printed is
+one JSON object: step_s_median, step_s_min, compile_s, images_per_s, peak_rss_mb, device_kind,
+device_count, device_peak_bytes (where the backend reports it), plus the settings. `--parts`
+also times the pieces of an iteration separately (see `time_parts`).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from bag_jax import data, dfq, losses, parallel, validation
+from bag_jax.models import ResNetCifar, bn_input_pairs
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a quantization config.', lock_config=True)
+_STEPS = flags.DEFINE_integer('steps', 20, 'Iterations per timed call (the scan length).')
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls after the first (compiling) one.')
+_PARTS = flags.DEFINE_boolean('parts', False, 'Also time the parts of an iteration separately.')
+
+
+def random_teacher(info: data.DatasetInfo, depth: int, seed: int = 0):
+    """A ResNetCifar with random weights and plausible, non-trivial BN statistics."""
+    model = ResNetCifar(num_classes=info.num_classes, depth=depth)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1,) + info.image_shape))
+    keys = iter(jax.random.split(jax.random.PRNGKey(seed + 1), 1000))
+    stats = jax.tree_util.tree_map_with_path(
+        lambda path, v: (jax.random.uniform(next(keys), v.shape, minval=0.5, maxval=2.0)
+                         if path[-1].key == 'var' else 0.1 * jax.random.normal(next(keys), v.shape)),
+        variables['batch_stats'])
+    return model, {'params': variables['params'], 'batch_stats': stats}
+
+
+def bench_info(config) -> data.DatasetInfo:
+    """The dataset description the config implies, without loading the data."""
+    if config.data.name in ('cifar100', 'cifar10'):
+        return data.cifar_info(config.data.name)
+    return data.load_dataset(config.data).info
+
+
+def _block(tree):
+    jax.tree.map(lambda a: a.block_until_ready(), tree)
+
+
+def _timed(fn, *args, repeats: int):
+    out = fn(*args)               # compile + first run
+    _block(out)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _block(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def time_parts(setup: dfq.Setup, state: dfq.DFQState, teacher_variables, repeats: int) -> dict[str, float]:
+    """Median seconds of each piece of one iteration, compiled on its own:
+
+    generate (G forward), teacher_fwd (P forward with BN statistics), student_fwd (Q forward),
+    generator_step (G forward+backward through P and, for AdaDFQ/BAG, Q), student_step (Q
+    forward+backward on a fixed batch), iteration (the whole joint step).
+    """
+    one = jax.tree.map(lambda a: a[0], state)
+    z = jax.random.normal(jax.random.PRNGKey(0), (setup.batch_size, setup.latent_dim))
+    y = jnp.arange(setup.batch_size) % setup.num_classes
+    stats = teacher_variables['batch_stats']
+    gen_vars = {'params': one.gen_params, 'quant_stats': one.gen_quant_stats}
+    stu_vars = {'params': one.stu_params, 'quant_stats': one.stu_quant_stats, 'batch_stats': stats}
+    x = jax.jit(lambda v: setup.generator.apply(v, z, y))(gen_vars)
+
+    def teacher_fwd(v, x):
+        t, col = setup.teacher.apply(v, x, mutable=['bn_inputs'])
+        return t, losses.bns_loss(bn_input_pairs(col['bn_inputs'], v['batch_stats']))
+
+    def student_step(params, x):
+        return jax.grad(lambda p: losses.adadfq_student_loss(
+            setup.student.apply({**stu_vars, 'params': p}, x), jnp.zeros((x.shape[0], setup.num_classes))))(params)
+
+    parts = {
+        'generate': (jax.jit(lambda v: setup.generator.apply(v, z, y)), (gen_vars,)),
+        'teacher_fwd': (jax.jit(teacher_fwd), (teacher_variables, x)),
+        'student_fwd': (jax.jit(lambda v, x: setup.student.apply(v, x)), (stu_vars, x)),
+        'student_step': (jax.jit(student_step), (one.stu_params, x)),
+        'iteration': (jax.jit(lambda s, t: dfq.train_iteration(setup, s, t, jnp.int32(setup.warmup_epochs))),
+                      (one, teacher_variables)),
+    }
+
+    def generator_step(gen_params):
+        def loss(p):
+            images = setup.generator.apply({**gen_vars, 'params': p}, z, y)
+            t, bns = teacher_fwd(teacher_variables, images)
+            s = setup.student.apply(stu_vars, images) if setup.method != 'gdfq' else t
+            return losses.adadfq_generator_loss(t, s, y, bns)
+        return jax.grad(loss)(gen_params)
+    parts['generator_step'] = (jax.jit(generator_step), (one.gen_params,))
+    return {name: statistics.median(_timed(fn, *args, repeats=repeats)) for name, (fn, args) in parts.items()}
+
+
+def run_bench(config, steps: int, repeats: int, parts: bool = False) -> dict:
+    """Compiles and times `steps` joint iterations; returns the result dict (see module docstring)."""
+    with config.unlocked():
+        config.iters_per_epoch = steps
+    validation.validate_quantize(config)
+    validation.check_divisible(config.batch_size, jax.device_count(), 'batch_size')
+    info = bench_info(config)
+    teacher_model, teacher_host = random_teacher(info, config.teacher.depth, config.seed)
+    setup = dfq.build_setup(config, teacher_model, info)
+    mesh = parallel.make_mesh()
+    K = config.num_seeds
+    teacher_variables = parallel.replicate(teacher_host, mesh)
+    state = jax.jit(jax.vmap(lambda s: dfq.init_state(setup, teacher_host, s)),
+                    out_shardings=parallel.replicated(mesh))(config.seed + jnp.arange(K))
+    train_epoch = dfq.make_train_epoch(setup, mesh, K, config.epoch_loop)
+    # An epoch after warm-up: both networks step (during warm-up the student's update is skipped).
+    epoch = jnp.int32(config.warmup_epochs)
+    t0 = time.perf_counter()
+    state, m = train_epoch(state, teacher_variables, epoch)      # compiles, then runs
+    _block((state, m))
+    first_s = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        state, m = train_epoch(state, teacher_variables, epoch)
+        _block((state, m))
+        times.append((time.perf_counter() - t0) / steps)
+    compile_s = first_s - statistics.median(times) * steps
+    if not all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(parallel.to_host(m))):
+        raise FloatingPointError('the benchmarked step produced non-finite losses')
+    device = jax.devices()[0]
+    memory = device.memory_stats() or {}
+    result = {
+        'method': config.method, 'w_bits': config.quant.w_bits, 'a_bits': config.quant.a_bits,
+        'batch_size': config.batch_size, 'num_seeds': K, 'steps': steps, 'repeats': repeats,
+        'epoch_loop': train_epoch.loop,
+        'step_s_median': statistics.median(times), 'step_s_min': min(times), 'compile_s': compile_s,
+        'images_per_s': config.batch_size * K / statistics.median(times),
+        'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        'device_kind': device.device_kind, 'device_count': jax.device_count(),
+        'device_peak_bytes': memory.get('peak_bytes_in_use'),
+    }
+    if parts:
+        result['parts_s'] = time_parts(setup, state, teacher_variables, repeats)
+    return result
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    result = run_bench(_CONFIG.value, _STEPS.value, _REPEATS.value, _PARTS.value)
+    for key, value in result.items():
+        print(f'{key:>20}: {value}', file=sys.stderr)
+    print(json.dumps(result))
+
+
+if __name__ == '__main__':
+    flags.mark_flags_as_required(['config'])
+    app.run(main)
