@@ -207,13 +207,13 @@ def train_iteration(setup: Setup, state: DFQState, teacher_variables, epoch, dat
     (loss_s, (s, stu_quant_stats, ca)), stu_grads = jax.value_and_grad(student_loss, has_aux=True)(state.stu_params)
     stu_lr = learning_rate(setup.student_lr, epoch, setup.lr_milestones, setup.lr_decay)
 
-    def student_update(_):
-        updates, opt_state = setup.student_tx.update(stu_grads, state.stu_opt_state, state.stu_params)
-        return optax.apply_updates(state.stu_params, jax.tree.map(lambda u: -stu_lr * u, updates)), opt_state
-
+    updates, opt_state = setup.student_tx.update(stu_grads, state.stu_opt_state, state.stu_params)
+    updated = optax.apply_updates(state.stu_params, jax.tree.map(lambda u: -stu_lr * u, updates))
     # The student's optimizer does not step during warm-up, so its momentum starts after it (9.14).
-    stu_params, stu_opt_state = jax.lax.cond(train_student, student_update,
-                                             lambda _: (state.stu_params, state.stu_opt_state), None)
+    # A select rather than lax.cond: XLA:CPU would sink the gradient convolutions into the
+    # conditional's branch, where it runs them several times slower (bench/NOTES.md).
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(train_student, n, o), new, old)
+    stu_params, stu_opt_state = keep(updated, state.stu_params), keep(opt_state, state.stu_opt_state)
     new_state = DFQState(step=state.step + 1, rng=state.rng, gen_params=gen_params, gen_opt_state=gen_opt_state,
                          gen_quant_stats=gen_quant_stats, stu_params=stu_params, stu_opt_state=stu_opt_state,
                          stu_quant_stats=stu_quant_stats)
@@ -227,10 +227,11 @@ def make_train_epoch(setup: Setup, mesh, num_seeds: int, loop: str = 'auto') -> 
     """Compiles one epoch: (state, teacher_variables, epoch) -> (state, metrics).
 
     The metrics are epoch means, each of shape (K,); the state's buffers are donated.
-    `loop='scan'` runs the iterations in a `lax.scan` inside one program. `loop='python'` compiles
-    one iteration and calls it `iters_per_epoch` times. XLA:CPU runs convolutions inside a while
-    loop 10-70x slower than the same convolutions outside one (bench/NOTES.md), so 'auto' takes
-    'python' on CPU and 'scan' on GPU and TPU. Both compile once for the whole run
+    `loop='scan'` runs the iterations in a `lax.scan` inside one program, vmapped over the seeds.
+    `loop='python'` compiles one iteration of one seed and calls it `iters_per_epoch` times per
+    seed. XLA:CPU runs convolutions inside a while loop 10-70x slower than the same convolutions
+    outside one, and vmapped ones several times slower than separate calls (bench/NOTES.md), so
+    'auto' takes 'python' on CPU and 'scan' on GPU and TPU. Both compile once for the whole run
     (`epoch_fn.cache_size()` counts the programs).
     """
     if loop == 'auto':
@@ -252,14 +253,20 @@ def make_train_epoch(setup: Setup, mesh, num_seeds: int, loop: str = 'auto') -> 
         compiled = jax.jit(over_seeds(one_seed), donate_argnums=(0,), out_shardings=(repl, repl))
         epoch_fn = lambda state, teacher_variables, epoch: compiled(state, teacher_variables, epoch)
     else:
-        compiled = jax.jit(over_seeds(iteration), donate_argnums=(0,), out_shardings=(repl, repl))
+        # One seed per call: vmapping over seeds turns XLA:CPU's convolutions into grouped ones
+        # with batched kernels, which it runs far slower than K separate calls (bench/NOTES.md).
+        compiled = jax.jit(iteration, donate_argnums=(0,), out_shardings=(repl, repl))
 
         def epoch_fn(state, teacher_variables, epoch):
-            per_iteration = []
+            seeds = [jax.tree.map(lambda a: a[k], state) for k in range(num_seeds)]
+            per_iteration = [[] for _ in seeds]
             for _ in range(setup.iters_per_epoch):
-                state, step_metrics = compiled(state, teacher_variables, epoch)
-                per_iteration.append(step_metrics)
-            return state, jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs), axis=0), *per_iteration)
+                for k in range(num_seeds):
+                    seeds[k], step_metrics = compiled(seeds[k], teacher_variables, epoch)
+                    per_iteration[k].append(step_metrics)
+            epoch_metrics = [jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *m) for m in per_iteration]
+            stack = lambda *xs: jnp.stack(xs)
+            return jax.tree.map(stack, *seeds), jax.tree.map(stack, *epoch_metrics)
     epoch_fn.cache_size = compiled._cache_size
     epoch_fn.loop = loop
     return epoch_fn
@@ -374,12 +381,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 writer.write(epoch + 1, scalars, phase=config.method)
             progress.set_postfix(loss_g=f'{scalars["loss_g"]:.3f}', loss_s=f'{scalars["loss_s"]:.3f}',
                                  top1=f'{scalars["top1"]:.2f}')
-            if config.image_grid_every and (epoch % config.image_grid_every == 0 or epoch == config.epochs - 1) \
-                    and jax.process_index() == 0:
+            if config.image_grid_every and (epoch % config.image_grid_every == 0 or epoch == config.epochs - 1):
+                # The generator's parameters live on every process's devices: all run it, process 0 writes.
                 images = np.asarray(generate(state, grid_z, grid_y))
-                os.makedirs(os.path.join(workdir, IMAGES_DIR), exist_ok=True)
-                metrics.save_png(os.path.join(workdir, IMAGES_DIR, f'epoch_{epoch + 1:04d}.png'),
-                                 metrics.image_grid(images, np.asarray(grid_y), info.num_classes, per_class=8))
+                if jax.process_index() == 0:
+                    os.makedirs(os.path.join(workdir, IMAGES_DIR), exist_ok=True)
+                    metrics.save_png(os.path.join(workdir, IMAGES_DIR, f'epoch_{epoch + 1:04d}.png'),
+                                     metrics.image_grid(images, np.asarray(grid_y), info.num_classes, per_class=8))
             ckpts.save(epoch + 1, state, {'epoch': epoch + 1, 'history': history, 'ptq_top1': ptq_top1,
                                           'wall_s': wall_s})
 
