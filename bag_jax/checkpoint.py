@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from bag_jax.models import ResNetCifar
 
@@ -63,11 +64,20 @@ def save_model(directory: str, variables: dict, meta: dict[str, Any], kind: str)
     if jax.process_index() == 0:
         with open(os.path.join(directory, _META_FILES[kind]), 'w') as f:
             json.dump({**meta, 'kind': kind}, f, indent=2, sort_keys=True)
+    if jax.process_count() > 1:
+        # The JSON marks the checkpoint complete: no process may look for it (a quantization run
+        # loads the teacher it has just trained) before process 0 has written it.
+        multihost_utils.sync_global_devices(f'bag_jax.checkpoint.save_model {directory}')
 
 
 def is_teacher_checkpoint(directory: str | None) -> bool:
     """True if `directory` holds a complete teacher checkpoint."""
-    return bool(directory) and os.path.isfile(os.path.join(directory, TEACHER_META)) and os.path.isdir(
+    return is_model_checkpoint(directory, 'teacher')
+
+
+def is_model_checkpoint(directory: str | None, kind: str) -> bool:
+    """True if `directory` holds a complete checkpoint of `kind` ('teacher' or 'student')."""
+    return bool(directory) and os.path.isfile(os.path.join(directory, _META_FILES[kind])) and os.path.isdir(
         os.path.join(directory, TEACHER_VARIABLES))
 
 

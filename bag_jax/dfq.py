@@ -394,7 +394,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     host_state = parallel.to_host(state)
     for k in range(K):
         directory = os.path.join(workdir, 'student' if K == 1 else f'student_seed{config.seed + k}')
-        if not checkpoint.is_teacher_checkpoint(directory):
+        if not checkpoint.is_model_checkpoint(directory, 'student'):   # kept when a finished run starts again
             variables = {'params': jax.tree.map(lambda a: a[k], host_state.stu_params),
                          'quant_stats': jax.tree.map(lambda a: a[k], host_state.stu_quant_stats),
                          'batch_stats': teacher_host['batch_stats']}

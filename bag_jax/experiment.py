@@ -9,10 +9,18 @@ from absl import logging
 from bag_jax import parallel, validation
 
 
-def run(config, workdir: str):
-    """Runs `config.mode` ('quantize', 'teacher' or 'evaluate') in `workdir`; returns its result."""
+def run(config, workdir: str, **distributed):
+    """Runs `config.mode` ('quantize', 'teacher' or 'evaluate') in `workdir`; returns its result.
+
+    `distributed` (coordinator_address, num_processes, process_id, detect) goes to
+    `parallel.initialize_distributed`: with none of them set, in the environment either, the run
+    is a single process. In a multi-process run every process calls this with the same config and
+    workdir, which must be one directory that all of them see at the same path (a shared file
+    system): they checkpoint into it together, and only process 0 writes metrics, images and the
+    summary.
+    """
     validation.validate_config(config)
-    parallel.initialize_distributed()
+    parallel.initialize_distributed(**distributed)
     logging.info('mode %s on %d %s device(s), workdir %s', config.mode, jax.device_count(),
                  jax.devices()[0].platform, workdir)
     if config.mode == 'teacher':

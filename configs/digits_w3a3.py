@@ -28,6 +28,5 @@ def get_config(method: str = 'bag'):
     c.calibration_epochs = 4
     c.lr_milestones = (20, 30)
     c.generator.latent_dim = 64
-    c.eval_batch_size = 150
     c.image_grid_every = 5
     return c

@@ -217,6 +217,8 @@ def test_interrupted_run_resumes_exactly(digits_teacher, tmp_path, monkeypatch):
     a = checkpoint.load_model(str(tmp_path / 'a' / 'student'))[2]
     b = checkpoint.load_model(str(tmp_path / 'b' / 'student'))[2]
     jax.tree.map(np.testing.assert_array_equal, a, b)
+    # Started once more, the finished run trains nothing and keeps its student.
+    assert dfq.train_and_evaluate(c, str(tmp_path / 'b')) == resumed
 
 
 def test_non_finite_loss_stops_with_the_epoch_and_the_loss(digits_teacher, tmp_path, monkeypatch):

@@ -1,0 +1,163 @@
+"""Multi-process start-up, and two JAX processes on one machine against one process."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import flax
+import jax
+import numpy as np
+import pytest
+
+from bag_jax import checkpoint, dfq, metrics, parallel
+from tests.multiprocess_worker import LOCAL_DEVICES, multiprocess_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, 'tests', 'multiprocess_worker.py')
+NUM_PROCESSES = 2
+# The two processes take 60 to 100 s on a 2-core CPU (each compiles every program); a hang (a
+# process waiting in a collective for one that died) must not hold CI up for long.
+TIMEOUT_S = 420
+
+
+def test_a_plain_run_stays_alone(monkeypatch):
+    for name in (parallel.COORDINATOR_ENV, parallel.NUM_PROCESSES_ENV, parallel.PROCESS_ID_ENV, *parallel.TPU_HOSTS_ENVS):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(jax.distributed, 'initialize', lambda **kw: pytest.fail(f'initialized with {kw}'))
+    assert parallel.distributed_settings() is None
+    parallel.initialize_distributed()
+    assert parallel.distributed_settings(environ={'TPU_WORKER_HOSTNAMES': 'only-host'}) is None
+
+
+def test_multi_process_settings_from_flags_and_environment():
+    env = {'JAX_COORDINATOR_ADDRESS': '10.0.0.1:1234', 'JAX_NUM_PROCESSES': '4', 'JAX_PROCESS_ID': '3'}
+    assert parallel.distributed_settings(environ=env) == {
+        'coordinator_address': '10.0.0.1:1234', 'num_processes': 4, 'process_id': 3}
+    # Flags win over the environment.
+    assert parallel.distributed_settings('h:1', 2, 0, environ=env) == {
+        'coordinator_address': 'h:1', 'num_processes': 2, 'process_id': 0}
+    # --distributed, or a multi-host TPU slice on GKE: JAX detects what is not given.
+    assert parallel.distributed_settings(detect=True, environ={}) == {}
+    assert parallel.distributed_settings(environ={'TPU_WORKER_HOSTNAMES': 'w0,w1'}) == {}
+    with pytest.raises(ValueError, match="JAX_PROCESS_ID='first' is not an integer"):
+        parallel.distributed_settings(environ={**env, 'JAX_PROCESS_ID': 'first'})
+
+
+def test_run_py_passes_its_multi_process_flags(monkeypatch):
+    import run
+    from absl import flags
+    from bag_jax import experiment
+    calls = []
+    monkeypatch.setattr(run, '_hide_gpus_from_tensorflow', lambda: None)
+    monkeypatch.setattr(experiment, 'run', lambda config, workdir, **kw: calls.append((workdir, kw)))
+    try:
+        flags.FLAGS(['run.py', f'--config={ROOT}/configs/digits_w3a3.py', '--workdir=w', '--coordinator_address=h:1',
+                     '--num_processes=2', '--process_id=1'])
+        run.main(['run.py'])
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(['run.py', f'--config={ROOT}/configs/digits_w3a3.py', '--workdir=w', '--distributed'])
+        run.main(['run.py'])
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert calls == [('w', {'coordinator_address': 'h:1', 'num_processes': 2, 'process_id': 1, 'detect': False}),
+                     ('w', {'coordinator_address': None, 'num_processes': None, 'process_id': None, 'detect': True})]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _log_tails(workdir) -> str:
+    tails = []
+    for i in range(NUM_PROCESSES):
+        path = workdir / f'process_{i}.log'
+        lines = [line for line in path.read_text().splitlines() if '[Gloo]' not in line] if path.exists() else []
+        tails.append(f'--- process {i} ---\n' + '\n'.join(lines[-40:]))
+    return '\n'.join(tails)
+
+
+def run_processes(workdir, cache_dir) -> None:
+    """Runs the worker in NUM_PROCESSES processes that meet on 127.0.0.1; fails (and kills them
+    all) as soon as one fails or when TIMEOUT_S have passed."""
+    port = _free_port()   # free now; the coordinator (process 0) binds it a moment later
+    address = f'127.0.0.1:{port}'
+    procs = []
+    try:
+        for i in range(NUM_PROCESSES):
+            env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_COORDINATOR_ADDRESS': address,
+                   # JAX's coordinator listens on every interface unless told otherwise.
+                   'JAX_COORDINATOR_BIND_ADDRESS': address,
+                   'JAX_NUM_PROCESSES': str(NUM_PROCESSES), 'JAX_PROCESS_ID': str(i), 'PYTHONUNBUFFERED': '1'}
+            with open(workdir / f'process_{i}.log', 'w') as log:
+                procs.append(subprocess.Popen([sys.executable, WORKER, str(workdir), str(cache_dir)], cwd=ROOT,
+                                              env=env, stdout=log, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + TIMEOUT_S
+        while any(p.poll() is None for p in procs):
+            failed = [i for i, p in enumerate(procs) if p.returncode not in (None, 0)]
+            if failed:
+                pytest.fail(f'process {failed[0]} exited with {procs[failed[0]].returncode}:\n{_log_tails(workdir)}')
+            if time.monotonic() > deadline:
+                pytest.fail(f'the processes did not finish within {TIMEOUT_S} s:\n{_log_tails(workdir)}')
+            time.sleep(0.5)
+        codes = [p.returncode for p in procs]
+        assert codes == [0] * NUM_PROCESSES, f'exit codes {codes}:\n{_log_tails(workdir)}'
+    finally:
+        for p in procs:       # JAX handles SIGTERM (preemption), so only SIGKILL stops a stuck one
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def _assert_close(a, b, rtol, atol):
+    flat_a, flat_b = flax.traverse_util.flatten_dict(a), flax.traverse_util.flatten_dict(b)
+    assert flat_a.keys() == flat_b.keys()
+    for path in flat_a:
+        np.testing.assert_allclose(flat_a[path], flat_b[path], rtol=rtol, atol=atol, err_msg=str(path))
+
+
+def test_two_processes_train_quantize_and_resume_as_one(digits_teacher, tmp_path):
+    """2 processes x 2 CPU devices, talking over 127.0.0.1, against this process's 4 devices.
+
+    The mesh, the global batches and so the arithmetic are the same; only the all-reduce differs
+    (gloo between the processes): it adds the 4 devices' partial sums in another order, so float
+    results may differ in their last bits. What is counted (accuracies, epochs) must be equal.
+    """
+    assert jax.device_count() == NUM_PROCESSES * LOCAL_DEVICES
+    workdir = tmp_path / 'two_processes'
+    workdir.mkdir()
+    run_processes(workdir, tmp_path / 'xla_cache')
+
+    seen = [json.loads((workdir / f'process_{i}.json').read_text()) for i in range(NUM_PROCESSES)]
+    assert [(s['process_index'], s['process_count'], s['local_devices'], s['devices']) for s in seen] == [
+        (i, NUM_PROCESSES, LOCAL_DEVICES, NUM_PROCESSES * LOCAL_DEVICES) for i in range(NUM_PROCESSES)]
+    written = json.loads((workdir / 'summary.json').read_text())
+    without_time = lambda summary: {k: v for k, v in summary.items() if k != 'wall_s'}
+    assert all(without_time(s['summary']) == without_time(written) for s in seen)
+
+    # Only process 0 wrote metrics, and the resumed run went on at epoch 2.
+    lines = metrics.read_metrics(str(workdir))
+    assert [(m['phase'], m['step']) for m in lines] == [('teacher', 1), ('teacher', 2), ('bag', 1), ('bag', 2)]
+    assert sorted(os.listdir(workdir / 'images')) == ['epoch_0001.png', 'epoch_0002.png']
+
+    # The teacher: the session's, trained by one process with the same config.
+    _, teacher_variables, teacher_meta = checkpoint.load_teacher(str(workdir / 'teacher'))
+    _, reference_variables, reference_meta = checkpoint.load_teacher(digits_teacher)
+    # 42 SGD steps carry the rounding along: the parameters differed by at most 5e-7 when written.
+    _assert_close(teacher_variables, reference_variables, rtol=1e-4, atol=1e-5)
+    assert (teacher_meta['top1'], teacher_meta['top5']) == (reference_meta['top1'], reference_meta['top5'])
+
+    # Quantization of that same teacher by one process, uninterrupted.
+    c = multiprocess_config()
+    c.teacher.checkpoint = str(workdir / 'teacher')
+    reference = dfq.train_and_evaluate(c, str(tmp_path / 'one_process'))
+    assert without_time(written) == without_time(reference)
+    assert written['devices'] == reference['devices'] == NUM_PROCESSES * LOCAL_DEVICES
+    student = checkpoint.load_model(str(workdir / 'student'))[2]
+    reference_student = checkpoint.load_model(str(tmp_path / 'one_process' / 'student'))[2]
+    # 4 iterations: the weights came out equal and the activation ranges 1 ulp apart when written.
+    _assert_close(student, reference_student, rtol=1e-5, atol=1e-6)
