@@ -6,8 +6,9 @@
 
 No download: the teacher trains first on the digits' training split (into WORKDIR/teacher),
 then the student learns from generated images only and is scored on the real test split. The
-schedule is the CIFAR one scaled down to run on a 2-core CPU in minutes; GDFQ keeps its own
-batch of 200 divided by 4 (spec 6.1), the others the AdaDFQ batch of 16.
+schedule is the CIFAR one scaled down to run on a 2-core CPU in minutes (README.md has the
+measured results); GDFQ gets a batch of 48 (its CIFAR batch of 200 scaled down about 4x, and a
+multiple of 8 and 16 devices), the others the AdaDFQ batch of 16.
 """
 
 from configs import base

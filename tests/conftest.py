@@ -51,3 +51,21 @@ def digits_teacher(tmp_path_factory):
     from bag_jax import teacher
     workdir = tmp_path_factory.mktemp('digits_teacher')
     return teacher.train_teacher(tiny_config(), str(workdir))
+
+
+def interrupted(monkeypatch, run, *, epoch: int, phase: str):
+    """Calls `run()` with the metric writer raising KeyboardInterrupt when it is asked to record
+    `epoch` of `phase`: after that epoch has trained, before its checkpoint is saved. Asserts that
+    the interruption happened, then restores the writer."""
+    from bag_jax import metrics
+    original = metrics.MetricWriter.write
+
+    def crash(self, step, *args, **kwargs):
+        if step == epoch and kwargs.get('phase') == phase:
+            raise KeyboardInterrupt('simulated interruption')
+        return original(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(metrics.MetricWriter, 'write', crash)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(metrics.MetricWriter, 'write', original)

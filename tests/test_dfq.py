@@ -11,7 +11,7 @@ import pytest
 
 from bag_jax import checkpoint, data, dfq, experiment, losses, metrics, parallel
 from configs import evaluate as evaluate_config
-from tests.conftest import tiny_config
+from tests.conftest import interrupted, tiny_config
 
 
 def config_with(digits_teacher, method_name='bag', **overrides):
@@ -200,17 +200,7 @@ def test_interrupted_run_resumes_exactly(digits_teacher, tmp_path, monkeypatch):
     c = config_with(digits_teacher, 'bag', epochs=3)
     reference = dfq.train_and_evaluate(c, str(tmp_path / 'a'))
 
-    original = metrics.MetricWriter.write
-
-    def crash(self, step, *args, **kwargs):
-        if step == 2 and kwargs.get('phase') == 'bag':
-            raise KeyboardInterrupt('simulated interruption')
-        return original(self, step, *args, **kwargs)
-
-    monkeypatch.setattr(metrics.MetricWriter, 'write', crash)
-    with pytest.raises(KeyboardInterrupt):
-        dfq.train_and_evaluate(c, str(tmp_path / 'b'))
-    monkeypatch.setattr(metrics.MetricWriter, 'write', original)
+    interrupted(monkeypatch, lambda: dfq.train_and_evaluate(c, str(tmp_path / 'b')), epoch=2, phase='bag')
     resumed = dfq.train_and_evaluate(c, str(tmp_path / 'b'))
     for key in ('best_top1', 'last_top1', 'ptq_top1', 'best_epoch'):
         assert resumed[key] == reference[key]

@@ -9,7 +9,7 @@ import pytest
 
 from bag_jax import checkpoint, evaluate, experiment, metrics, teacher
 from configs import evaluate as evaluate_config
-from tests.conftest import tiny_config
+from tests.conftest import interrupted, tiny_config
 
 
 def test_digits_teacher_reaches_90_percent(tmp_path):
@@ -30,19 +30,7 @@ def test_interrupted_teacher_resumes_to_the_same_parameters(tmp_path, monkeypatc
     c = tiny_config()
     uninterrupted = checkpoint.load_teacher(teacher.train_teacher(c, str(tmp_path / 'a')))[1]
 
-    calls = []
-    original = metrics.MetricWriter.write
-
-    def crash_in_epoch_two(self, step, *args, **kwargs):
-        calls.append(step)
-        if step == 2:
-            raise KeyboardInterrupt('simulated interruption')
-        return original(self, step, *args, **kwargs)
-
-    monkeypatch.setattr(metrics.MetricWriter, 'write', crash_in_epoch_two)
-    with pytest.raises(KeyboardInterrupt):
-        teacher.train_teacher(c, str(tmp_path / 'b'))
-    monkeypatch.setattr(metrics.MetricWriter, 'write', original)
+    interrupted(monkeypatch, lambda: teacher.train_teacher(c, str(tmp_path / 'b')), epoch=2, phase='teacher')
     assert not checkpoint.is_teacher_checkpoint(str(tmp_path / 'b' / 'teacher'))
     resumed = checkpoint.load_teacher(teacher.train_teacher(c, str(tmp_path / 'b')))[1]
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), uninterrupted, resumed)
