@@ -27,12 +27,6 @@ from ml_collections import config_flags
 from bag_jax import data, dfq, losses, parallel, validation
 from bag_jax.models import ResNetCifar, bn_input_pairs
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a quantization config.', lock_config=True)
-_STEPS = flags.DEFINE_integer('steps', 20, 'Iterations per timed call (the scan length).')
-_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls after the first (compiling) one.')
-_PARTS = flags.DEFINE_boolean('parts', False, 'Also time the parts of an iteration separately.')
-
-
 def random_teacher(info: data.DatasetInfo, depth: int, seed: int = 0):
     """A ResNetCifar with random weights and plausible, non-trivial BN statistics."""
     model = ResNetCifar(num_classes=info.num_classes, depth=depth)
@@ -161,12 +155,19 @@ def run_bench(config, steps: int, repeats: int, parts: bool = False) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    result = run_bench(_CONFIG.value, _STEPS.value, _REPEATS.value, _PARTS.value)
+    f = flags.FLAGS
+    result = run_bench(f.config, f.steps, f.repeats, f.parts)
     for key, value in result.items():
         print(f'{key:>20}: {value}', file=sys.stderr)
     print(json.dumps(result))
 
 
 if __name__ == '__main__':
+    # Defined here, not at import, so that importing the module (tests, bench/accelerator_check.py)
+    # leaves absl's global flags to whoever owns the command line.
+    config_flags.DEFINE_config_file('config', None, 'Path to a quantization config.', lock_config=True)
+    flags.DEFINE_integer('steps', 20, 'Iterations per timed call.')
+    flags.DEFINE_integer('repeats', 5, 'Timed calls after the first (compiling) one.')
+    flags.DEFINE_boolean('parts', False, 'Also time the parts of an iteration separately.')
     flags.mark_flags_as_required(['config'])
     app.run(main)

@@ -1,7 +1,7 @@
 """The accelerator check: the real BAG W3A3 CIFAR-100 step at batch 16 and 200, one seed and
 eight, with the projected wall time of a full 400-epoch x 200-iteration run.
 
-    python bench/accelerator_check.py --steps=50 --repeats=3 [--method=bag]
+    python bench/accelerator_check.py [--steps=50] [--repeats=3] [--method=bag]
 
 Needs no data (random teacher). Prints one line per setting as it finishes, then a Markdown table.
 The projection counts training steps only (not the 400 test-set evaluations or compilation).
@@ -17,7 +17,8 @@ from absl import app, flags  # noqa: E402
 from bag_jax import bench  # noqa: E402
 from configs import cifar100_w3a3  # noqa: E402
 
-# --steps and --repeats are bag_jax.bench's flags.
+_STEPS = flags.DEFINE_integer('steps', 50, 'Iterations per timed call.')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed calls.')
 _METHOD = flags.DEFINE_string('method', 'bag', 'gdfq, adadfq or bag.')
 SETTINGS = [(16, 1), (16, 8), (200, 1), (200, 8)]
 
@@ -27,7 +28,7 @@ def main(argv):
     for batch, seeds in SETTINGS:
         c = cifar100_w3a3.get_config(_METHOD.value)
         c.batch_size, c.num_seeds = batch, seeds
-        r = bench.run_bench(c, bench._STEPS.value, bench._REPEATS.value)
+        r = bench.run_bench(c, _STEPS.value, _REPEATS.value)
         iterations = c.epochs * 200
         r['projected_full_run_min'] = r['step_s_median'] * iterations / 60
         print(r, flush=True)
