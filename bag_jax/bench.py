@@ -116,8 +116,7 @@ def run_bench(config, steps: int, repeats: int, parts: bool = False) -> dict:
     mesh = parallel.make_mesh()
     K = config.num_seeds
     teacher_variables = parallel.replicate(teacher_host, mesh)
-    state = jax.jit(jax.vmap(lambda s: dfq.init_state(setup, teacher_host, s)),
-                    out_shardings=parallel.replicated(mesh))(config.seed + jnp.arange(K))
+    state = dfq.init_states(setup, teacher_host, config.seed, K, mesh)
     train_epoch = dfq.make_train_epoch(setup, mesh, K, config.epoch_loop)
     # The first call compiles and calibrates the activation ranges (epoch 0); the timed calls run
     # an epoch after warm-up, where both networks step (the same program: the epoch is traced).

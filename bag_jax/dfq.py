@@ -21,7 +21,6 @@ Methods (`config.method`; each part of BAG switches off on its own):
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Callable
@@ -124,6 +123,13 @@ def init_state(setup: Setup, teacher_variables, seed: int) -> DFQState:
                     gen_quant_stats=gen_vars.get('quant_stats', {}),
                     stu_params=stu_params, stu_opt_state=setup.student_tx.init(stu_params),
                     stu_quant_stats=stu_vars.get('quant_stats', {}))
+
+
+def init_states(setup: Setup, teacher_variables, first_seed: int, num_seeds: int, mesh) -> DFQState:
+    """The initial states of seeds first_seed .. first_seed + K - 1, stacked on a leading seed
+    axis and replicated over the mesh."""
+    init_all = jax.vmap(lambda seed: init_state(setup, teacher_variables, seed))
+    return jax.jit(init_all, out_shardings=parallel.replicated(mesh))(first_seed + jnp.arange(num_seeds))
 
 
 def distilled_features(collections, layers: str, units_per_stage: int) -> list[jax.Array]:
@@ -335,8 +341,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     teacher_eval = evaluate.make_eval_step(lambda v, x: teacher_model.apply(v, x), info, mesh)
     teacher_top1 = evaluate.evaluate(teacher_eval, teacher_variables, dataset, mesh, config.eval_batch_size)['top1']
 
-    init_all = jax.vmap(lambda seed: init_state(setup, teacher_host, seed))
-    state = jax.jit(init_all, out_shardings=parallel.replicated(mesh))(config.seed + jnp.arange(K))
+    state = init_states(setup, teacher_host, config.seed, K, mesh)
     train_epoch = make_train_epoch(setup, mesh, K, config.epoch_loop)
     eval_step = make_student_eval_step(setup, info, mesh)
     generate = make_generate(setup)
@@ -405,9 +410,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 top1=history['top1'][-1][k])
             checkpoint.save_model(directory, variables, meta, 'student')
     summary = make_summary(config, history, ptq_top1, teacher_top1, wall_s, devices)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-            json.dump(summary, f, indent=2)
+    metrics.write_summary(workdir, summary)
     logging.info('summary: %s', summary)
     return summary
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable
 
@@ -11,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bag_jax import checkpoint, data, parallel, validation
+from bag_jax import checkpoint, data, metrics, parallel, validation
 
 
 def make_eval_step(apply_fn: Callable, info: data.DatasetInfo, mesh) -> Callable:
@@ -66,8 +65,5 @@ def run_evaluation(config, workdir: str) -> dict[str, float]:
     step = make_eval_step(lambda v, x: model.apply(v, x, train=False), info, mesh)
     result = evaluate(step, parallel.replicate(variables, mesh), dataset, mesh, config.eval_batch_size)
     summary = {'checkpoint': os.path.abspath(config.checkpoint), 'kind': kind, 'dataset': info.name, **result}
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-            json.dump(summary, f, indent=2)
+    metrics.write_summary(workdir, summary)
     return summary

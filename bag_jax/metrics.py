@@ -59,6 +59,14 @@ class MetricWriter:
         self.close()
 
 
+def write_summary(workdir: str, summary: Mapping[str, Any]) -> None:
+    """Writes `workdir/summary.json` (process 0 only)."""
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+            json.dump(summary, f, indent=2)
+
+
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
     """The lines of `workdir/metrics.jsonl` as dicts (empty if there is none)."""
     path = os.path.join(workdir, 'metrics.jsonl')
