@@ -1,13 +1,15 @@
 """One process of the two-process test in tests/test_parallel.py, which starts two of these.
 
-    python tests/multiprocess_worker.py WORKDIR CACHE_DIR
+    python tests/multiprocess_worker.py WORKDIR CACHE_DIR TEACHER_DIR
 
 Joins the run that JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID describe (read
 by the library, as in `python run.py`) with 2 CPU devices of its own. Then, in this one process
-so that start-up and compilation are paid once, it runs the quantization command of
-`multiprocess_config()` twice in WORKDIR: the first run trains the teacher, quantizes, and is
-interrupted in epoch 2; the second resumes it. Writes WORKDIR/process_<i>.json with what this
-process saw and returned.
+so that start-up and compilation are paid once:
+  1. `one_step_results(TEACHER_DIR)`: what training does not amplify (one step from the same
+     state, the data order), written by process 0 to WORKDIR/one_step.npz;
+  2. the quantization command of `multiprocess_config()`, twice in WORKDIR: the first run
+     trains the teacher, quantizes, and is interrupted in epoch 2; the second resumes it.
+Writes WORKDIR/process_<i>.json with what this process saw and returned.
 """
 
 import json
@@ -18,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 from tests.conftest import tiny_config  # noqa: E402  (sets 4 devices and a cache: both replaced below)
 
@@ -31,6 +34,46 @@ def multiprocess_config():
     c.quant.w_bits = 8
     c.quant.a_bits = 8
     return c
+
+
+def one_step_results(teacher_dir: str) -> dict[str, np.ndarray]:
+    """What training does not amplify, on this process's mesh (every process calls it together;
+    tests/trajectories.py says why these and not the parameters):
+
+      data/teacher_labels   the first global batch of teacher training, gathered (exact)
+      teacher/...           one teacher SGD step from the initial state: metrics, the gradient,
+                            the BN running statistics
+      calibrate/..., finetune/...   `trajectories.dfq_one_step` with the teacher in `teacher_dir`
+    """
+    import jax.numpy as jnp
+    from jax.experimental import multihost_utils
+
+    from bag_jax import checkpoint, data, dfq, parallel, teacher
+    from bag_jax.models import ResNetCifar
+    from tests import trajectories
+
+    c = multiprocess_config()
+    dataset = data.load_dataset(c.data)
+    info = dataset.info
+    mesh = parallel.make_mesh()
+    x, y = next(data.train_batches(dataset, c.teacher.batch_size, seed=c.seed, epoch=0))
+    x, y = parallel.global_batch(mesh, x, y)
+    out = {'data/teacher_labels': np.asarray(multihost_utils.process_allgather(y, tiled=True))}
+    model = ResNetCifar(num_classes=info.num_classes, depth=c.teacher.depth)
+    tx = teacher.teacher_optimizer(c.teacher, 100)
+    variables = model.init(jax.random.PRNGKey(c.seed), jnp.zeros((1,) + info.image_shape))
+    start = parallel.replicate(teacher.TeacherState(
+        step=jnp.zeros((), jnp.int32), params=variables['params'], batch_stats=variables['batch_stats'],
+        opt_state=tx.init(variables['params'])), mesh)
+    after, m = teacher.make_train_step(model, tx, info, c.seed, c.teacher.label_smoothing, mesh)(start, x, y)
+    out.update({f'teacher/metrics/{k}': v for k, v in trajectories.flat(m).items()})
+    out.update({f'teacher/gradient/{k}': v for k, v in trajectories.flat(trajectories.sgd_gradient(after.opt_state)).items()})
+    out.update({f'teacher/batch_stats/{k}': v for k, v in trajectories.flat(after.batch_stats).items()})
+
+    teacher_model, teacher_variables, _ = checkpoint.load_teacher(teacher_dir)
+    setup = dfq.build_setup(c, teacher_model, info)
+    out.update(trajectories.dfq_one_step(setup, teacher_variables, mesh, c.seed))
+    return out
 
 
 def _gloo_on_loopback() -> None:
@@ -49,14 +92,19 @@ def _gloo_on_loopback() -> None:
         print(f'gloo keeps its default address: {e!r}', file=sys.stderr)
 
 
-def main(workdir: str, cache_dir: str) -> None:
+def main(workdir: str, cache_dir: str, teacher_dir: str) -> None:
     jax.config.update('jax_num_cpu_devices', LOCAL_DEVICES)
     # Process 0 writes the cache (JAX lets no other process write), so that its resumed run
     # does not compile again.
     jax.config.update('jax_compilation_cache_dir', cache_dir)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
     _gloo_on_loopback()
-    from bag_jax import experiment, metrics
+    from bag_jax import experiment, metrics, parallel
+
+    parallel.initialize_distributed()
+    results = one_step_results(teacher_dir)
+    if jax.process_index() == 0:
+        np.savez(os.path.join(workdir, 'one_step.npz'), **results)
 
     c = multiprocess_config()
     write = metrics.MetricWriter.write

@@ -1,0 +1,118 @@
+"""How the tests compare two computations that should agree (another mesh, other processes,
+seeds vmapped or not, another CPU), so that they hold on any CPU.
+
+Float results differ in their last bits between meshes (the order of the cross-device sums),
+processes (gloo's all-reduce) and CPUs (AVX-512, AVX2, ARM's NEON: vector width changes the
+order of a reduction). Training amplifies that, so the tests compare three kinds of things:
+
+  * exactly, what rounding cannot change: the data order, counts, epochs, which files exist;
+  * to rounding (`ONE_STEP_SPREAD`), one step from the same state: losses, gradients, updates.
+    Not the generator's parameters: Adam's first step moves every weight by about lr whatever
+    its gradient's size, so a gradient that is zero up to rounding (a bias before a BatchNorm)
+    becomes a step of random sign. Adam's first moment after one step, 0.5 g, is compared
+    instead;
+  * whole runs within the spread measured across CPUs and layouts (`WHOLE_RUN_*`).
+
+The measurement (bench/NOTES.md, "The same run on another CPU"): the tiny teacher's 42 SGD steps
+and 6 DFQ iterations (BAG at 3 and 8 bits, GDFQ at 3 bits), run on 1, 2 and 4 devices of one
+process with XLA's AVX-512 (this machine's default), AVX2, AVX and SSE4.2 code, and on 2
+processes x 2 devices: 13 trajectories of each. One step from the same state agreed to 1.4e-6 of
+each array's largest magnitude. The teacher stayed within 1e-6 for 10 steps; at step 11 a
+knife-edge sent the layouts apart (the same step for the 2-process run and for AVX against
+AVX-512), reaching 8.1 % of an array's largest magnitude after 42 steps. Every teacher scored
+the same 93.11 %; the 8-bit students differed by one test image of 450 (0.22 points); after 6
+iterations the students' weights differed by up to 3.9e-4 and their activation ranges by 1e-2
+of the largest. The bounds below are 3x to 70x those spreads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+ONE_STEP_SPREAD = 1e-4                # of each array's largest magnitude (measured 1.4e-6)
+WHOLE_RUN_PARAMETER_SPREAD = 0.25     # teacher training, 42 steps (measured 0.081)
+WHOLE_RUN_STUDENT_SPREAD = 1e-2       # student weights, a few iterations (measured 3.9e-4)
+WHOLE_RUN_RANGE_SPREAD = 5e-2         # student activation ranges (measured 1e-2)
+WHOLE_RUN_ACCURACY_SPREAD = 1.0       # percentage points, 4.5 of the 450 test digits (measured 0.22)
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+    """A pytree of arrays as {'a/b': numpy array}."""
+    return {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(jax.device_get(tree), sep='/').items()}
+
+
+def assert_rounding_close(a: dict, b: dict, tol: float, what: str = '', per_array: bool = True) -> None:
+    """Every array of `a` (arrays by name) equals `b`'s up to noise: max |a - b| <= tol * scale,
+    the scale being max |b| of each array, or with `per_array=False` of all of them (for
+    gradients: the rounding noise of a gradient element is set by the size of the terms summed
+    into it, and the gradient of a bias before a BatchNorm is all noise). The noise of a sum is
+    absolute, so an element that is zero up to rounding fits no relative tolerance."""
+    assert a.keys() == b.keys(), (what, sorted(a.keys() ^ b.keys()))
+    magnitude = lambda name: float(np.abs(np.asarray(b[name], np.float64)).max(initial=0.0))
+    overall = max((magnitude(name) for name in b), default=0.0)
+    for name in a:
+        x, y = np.asarray(a[name], np.float64), np.asarray(b[name], np.float64)
+        scale = max(magnitude(name) if per_array else overall, 1e-30)
+        worst = float(np.abs(x - y).max(initial=0.0))
+        assert worst <= tol * scale, (f'{what}{name}: differs by {worst:.3g}, {worst / scale:.3g} of the largest '
+                                      f'magnitude {scale:.3g} (allowed {tol:g})')
+
+
+def dfq_one_step(setup, teacher_variables, mesh, first_seed: int = 0, num_seeds: int = 1,
+                 loop: str = 'python') -> dict[str, np.ndarray]:
+    """One DFQ iteration of each phase from the initial states of seeds first_seed.. on `mesh`,
+    with the epoch loop `loop` (every process calls it together). Arrays have a leading seed axis.
+
+      calibrate/...   one iteration of the calibration epoch: metrics, the generator's gradient
+                      (as Adam's first moment) and the student's activation ranges
+      finetune/...    one iteration after warm-up, from the initial states with those ranges:
+                      metrics, the generator's gradient and the student's (`sgd_gradient`)
+    """
+    from bag_jax import dfq, parallel
+    setup = dataclasses.replace(setup, iters_per_epoch=1)
+    epoch_fn = dfq.make_train_epoch(setup, mesh, num_seeds, loop)
+    teacher_variables = parallel.replicate(teacher_variables, mesh)
+    initial = dfq.init_states(setup, teacher_variables, first_seed, num_seeds, mesh)
+    calibrated, m = epoch_fn(jax.tree.map(jnp.copy, initial), teacher_variables, jnp.int32(0))
+    out = {}
+    out.update({f'calibrate/metrics/{k}': v for k, v in flat(m).items()})
+    out.update({f'calibrate/generator_gradient/{k}': v for k, v in flat(calibrated.gen_opt_state.mu).items()})
+    out.update({f'calibrate/ranges/{k}': v for k, v in flat(calibrated.stu_quant_stats).items()})
+    start = initial.replace(stu_quant_stats=calibrated.stu_quant_stats)
+    tuned, m = epoch_fn(start, teacher_variables, jnp.int32(max(setup.warmup_epochs, setup.calibration_epochs)))
+    out.update({f'finetune/metrics/{k}': v for k, v in flat(m).items()})
+    out.update({f'finetune/generator_gradient/{k}': v for k, v in flat(tuned.gen_opt_state.mu).items()})
+    out.update({f'finetune/student_gradient/{k}': v for k, v in flat(sgd_gradient(tuned.stu_opt_state)).items()})
+    return out
+
+
+def sgd_gradient(opt_state):
+    """The gradient (plus weight decay) of the first step, from an SGD state after one step:
+    the momentum trace then holds it alone. Read there rather than as the difference of the
+    parameters, which float32 resolves only to the parameters' last bit."""
+    return optax.tree_utils.tree_get(opt_state, 'trace')
+
+
+def assert_one_step_close(a: dict, b: dict, batch_size: int, what: str = '') -> None:
+    """Compares two one-step results (`dfq_one_step`, tests/multiprocess_worker.py): batch
+    fractions (teacher accuracy on the generated images, teacher-student agreement) within one
+    sample; gradients and updates to rounding of the largest element of each; the rest (losses,
+    ranges, BN statistics) to rounding of each array."""
+    groups: dict[str, dict[str, tuple]] = {}
+    for name in a:
+        if name.endswith(('/teacher_acc', '/agreement')):
+            np.testing.assert_allclose(a[name], b[name], atol=1.0 / batch_size + 1e-6, err_msg=what + name)
+            continue
+        group = name if not name.split('/')[1].endswith(('gradient', 'update')) else '/'.join(name.split('/')[:2])
+        groups.setdefault(group, {})[name] = (a[name], b[name])
+    assert {n for g in groups.values() for n in g} | {n for n in a if n.endswith(('/teacher_acc', '/agreement'))} \
+        == set(b), (what, sorted(set(a) ^ set(b)))
+    for group, arrays in groups.items():
+        assert_rounding_close({n: x for n, (x, _) in arrays.items()}, {n: y for n, (_, y) in arrays.items()},
+                              ONE_STEP_SPREAD, what, per_array=len(arrays) == 1)
