@@ -8,28 +8,44 @@ its bit-widths.
     DIR/teacher.json    or DIR/student.json (adds 'quant': {w_bits, a_bits, range_rule, ste})
     DIR/variables/      orbax StandardCheckpointer: {'params', 'batch_stats'[, 'quant_stats']}
 
-Training-state checkpoints (to resume a run) are separate: see `bag_jax.teacher`, `bag_jax.dfq`.
+A model checkpoint is written whole into `DIR.partial/` and renamed to `DIR` only when complete,
+so no interruption leaves a `DIR` that looks finished, or one that blocks the next save (a
+leftover `DIR.partial/` is removed first). A checkpoint that cannot be read raises
+`CheckpointError` naming the path.
+
+Training-state checkpoints (to resume a run) are `TrainingCheckpoints`: per-epoch orbax steps,
+used by `bag_jax.teacher` and `bag_jax.dfq`. A damaged newest step is set aside and the newest
+step that restores is used instead.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from jax.experimental import multihost_utils
 
 from bag_jax.models import ResNetCifar
 
 TEACHER_META = 'teacher.json'
 STUDENT_META = 'student.json'
-TEACHER_VARIABLES = 'variables'
+VARIABLES = 'variables'
+PARTIAL_SUFFIX = '.partial'      # a model checkpoint being written
+DAMAGED_SUFFIX = '.damaged'      # a training step that could not be restored, set aside
 _META_FILES = {'teacher': TEACHER_META, 'student': STUDENT_META}
 META_KEYS = ('arch', 'depth', 'num_classes', 'data')
 DATA_KEYS = ('name', 'num_classes', 'image_shape', 'mean', 'std')
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but cannot be read (damaged, truncated, or written by something else)."""
 
 
 def model_meta(info, depth: int, source: str, **extra) -> dict[str, Any]:
@@ -49,25 +65,47 @@ def save_teacher(directory: str, variables: dict, meta: dict[str, Any]) -> None:
 
 
 def save_model(directory: str, variables: dict, meta: dict[str, Any], kind: str) -> None:
-    """Writes a 'teacher' or 'student' checkpoint (see the module docstring); all processes call it."""
+    """Writes a 'teacher' or 'student' checkpoint (see the module docstring), replacing one that
+    is there; all processes call it together.
+
+    Everything is written into `directory + '.partial'` first (a leftover one from an
+    interrupted save is removed), and that is renamed to `directory` once complete.
+    """
     missing = [k for k in META_KEYS if k not in meta] + [f'data.{k}' for k in DATA_KEYS if k not in meta.get('data', {})]
     if missing:
-        raise ValueError(f'teacher metadata lacks {missing}; it needs {list(META_KEYS)} and data.{list(DATA_KEYS)}.')
-    directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
+        raise ValueError(f'{kind} metadata lacks {missing}; it needs {list(META_KEYS)} and data.{list(DATA_KEYS)}.')
     if kind == 'student' and 'quant' not in meta:
         raise ValueError("student metadata lacks 'quant' (w_bits, a_bits, range_rule, ste).")
+    directory = os.path.abspath(directory)
+    partial = directory + PARTIAL_SUFFIX
+    if jax.process_index() == 0 and os.path.exists(partial):
+        shutil.rmtree(partial)
+    _sync(f'bag_jax.checkpoint.save_model start {directory}')
     names = ('params', 'batch_stats', 'quant_stats') if kind == 'student' else ('params', 'batch_stats')
     state = {k: variables[k] for k in names if k in variables}
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.join(directory, TEACHER_VARIABLES), state)
+        checkpointer.save(os.path.join(partial, VARIABLES), state)
     if jax.process_index() == 0:
-        with open(os.path.join(directory, _META_FILES[kind]), 'w') as f:
+        with open(os.path.join(partial, _META_FILES[kind]), 'w') as f:
             json.dump({**meta, 'kind': kind}, f, indent=2, sort_keys=True)
+        if os.path.exists(directory):
+            # Replacing a finished checkpoint (an extended run's student): between the two
+            # renames there is no `directory`, never a half-written one.
+            old = directory + '.replaced'
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(directory, old)
+            os.rename(partial, directory)
+            shutil.rmtree(old)
+        else:
+            os.rename(partial, directory)
+    # No process may look for the checkpoint (a quantization run loads the teacher it has just
+    # trained) before process 0 has renamed it into place.
+    _sync(f'bag_jax.checkpoint.save_model done {directory}')
+
+
+def _sync(name: str) -> None:
     if jax.process_count() > 1:
-        # The JSON marks the checkpoint complete: no process may look for it (a quantization run
-        # loads the teacher it has just trained) before process 0 has written it.
-        multihost_utils.sync_global_devices(f'bag_jax.checkpoint.save_model {directory}')
+        multihost_utils.sync_global_devices(name)
 
 
 def is_teacher_checkpoint(directory: str | None) -> bool:
@@ -78,7 +116,7 @@ def is_teacher_checkpoint(directory: str | None) -> bool:
 def is_model_checkpoint(directory: str | None, kind: str) -> bool:
     """True if `directory` holds a complete checkpoint of `kind` ('teacher' or 'student')."""
     return bool(directory) and os.path.isfile(os.path.join(directory, _META_FILES[kind])) and os.path.isdir(
-        os.path.join(directory, TEACHER_VARIABLES))
+        os.path.join(directory, VARIABLES))
 
 
 def load_teacher(directory: str, field: str = 'teacher.checkpoint') -> tuple[ResNetCifar, dict, dict[str, Any]]:
@@ -94,28 +132,47 @@ def load_model(directory: str, field: str = 'checkpoint', kinds: tuple[str, ...]
     """Reads a teacher or student checkpoint. Returns (kind, model, variables, meta).
 
     The model is the `ResNetCifar` the metadata describes (quantized for a student); variables
-    are numpy arrays. A missing or incomplete directory raises FileNotFoundError.
+    are numpy arrays. A missing or incomplete directory raises FileNotFoundError; one that is
+    there but cannot be read raises CheckpointError naming it.
     """
     kind = next((k for k in kinds if directory and os.path.isfile(os.path.join(directory, _META_FILES[k]))), None)
-    if kind is None or not os.path.isdir(os.path.join(directory, TEACHER_VARIABLES)):
+    if kind is None or not os.path.isdir(os.path.join(directory, VARIABLES)):
         raise FileNotFoundError(
             f'{field}={directory!r} is not a {" or ".join(kinds)} checkpoint (it needs '
-            f'{" or ".join(_META_FILES[k] for k in kinds)} and {TEACHER_VARIABLES}/). '
+            f'{" or ".join(_META_FILES[k] for k in kinds)} and {VARIABLES}/). '
             'Make one with `python -m bag_jax.convert --pytorchcv FILE.pth --out DIR` from pytorchcv weights, '
             'or with `python run.py --config=configs/cifar100_teacher.py --workdir=W` (it writes W/teacher); '
             'a quantization run writes its student to W/student. '
             'Leave teacher.checkpoint empty to let a quantization run train its teacher first.')
     directory = os.path.abspath(directory)
-    with open(os.path.join(directory, _META_FILES[kind])) as f:
-        meta = json.load(f)
-    with ocp.StandardCheckpointer() as checkpointer:
-        state = checkpointer.restore(os.path.join(directory, TEACHER_VARIABLES))
+    meta_path = os.path.join(directory, _META_FILES[kind])
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        q = meta.get('quant', {}) if kind == 'student' else {}
+        model = ResNetCifar(num_classes=int(meta['num_classes']), depth=int(meta['depth']),
+                            w_bits=q.get('w_bits'), a_bits=q.get('a_bits'),
+                            range_rule=q.get('range_rule', 'reference'), ste=q.get('ste', 'identity'))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f'{field}={directory!r}: {meta_path} is damaged ({_reason(e)}); '
+                              f'write the checkpoint again or use another one.') from None
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            state = checkpointer.restore(os.path.join(directory, VARIABLES))
+    except Exception as e:   # orbax and tensorstore raise many kinds; all mean the same here
+        raise CheckpointError(f'{field}={directory!r}: its variables in {os.path.join(directory, VARIABLES)} '
+                              f'cannot be read ({_reason(e)}); write the checkpoint again or use another '
+                              'one.') from None
     variables = jax.tree.map(np.asarray, dict(state))
-    q = meta.get('quant', {}) if kind == 'student' else {}
-    model = ResNetCifar(num_classes=int(meta['num_classes']), depth=int(meta['depth']),
-                        w_bits=q.get('w_bits'), a_bits=q.get('a_bits'),
-                        range_rule=q.get('range_rule', 'reference'), ste=q.get('ste', 'identity'))
     return kind, model, variables, meta
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of an exception's message, shortened: orbax and tensorstore errors carry
+    whole specs and tracebacks."""
+    text = str(error).strip().splitlines()
+    line = text[0].split(' See full TensorStore details')[0] if text else ''
+    return f'{type(error).__name__}: {line[:200]}'.rstrip(': ')
 
 
 def check_compatible(model_info, data_info, field: str) -> None:
@@ -137,8 +194,15 @@ class TrainingCheckpoints:
     """
 
     def __init__(self, directory: str, keep: int = 2):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-        self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+        self.directory = os.path.abspath(directory)
+        self._keep = keep
+        self._manager = self._open()
+
+    def _open(self) -> ocp.CheckpointManager:
+        # Orbax writes a step into a temporary directory and renames it when complete; one left
+        # by a killed run is removed here rather than tripping up a later save.
+        options = ocp.CheckpointManagerOptions(max_to_keep=self._keep, create=True, cleanup_tmp_directories=True)
+        return ocp.CheckpointManager(self.directory, options=options)
 
     def latest_epoch(self) -> int | None:
         """The number of epochs the newest checkpoint has finished, or None."""
@@ -150,17 +214,52 @@ class TrainingCheckpoints:
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
     def restore(self, like) -> tuple[int, Any, dict[str, Any]] | None:
-        """Restores the newest checkpoint into the structure, shapes and shardings of `like`.
+        """Restores the newest checkpoint that can be read into the structure, shapes and
+        shardings of `like`.
 
-        Returns (finished_epochs, state, meta), or None when there is no checkpoint.
+        Returns (finished_epochs, state, meta), or None when there is no checkpoint. A step that
+        cannot be restored (a truncated file, damaged metadata, an empty step directory) is
+        logged with its path, renamed to `<step>.damaged` so that the run can save that step
+        again, and the next older step is tried. Raises CheckpointError, saying what to delete,
+        when there are steps and none restores.
         """
-        epoch = self._manager.latest_step()
-        if epoch is None:
-            return None
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        restored = self._manager.restore(epoch, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        return epoch, restored['state'], restored['meta']
+        damaged = []
+        for epoch in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                restored = self._manager.restore(epoch, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+                if not isinstance(restored['meta'], dict):
+                    raise ValueError(f'its meta item is {type(restored["meta"]).__name__}, not a dict')
+            except Exception as e:   # orbax and tensorstore raise many kinds; all mean the same here
+                path = os.path.join(self.directory, str(epoch))
+                logging.warning('The checkpoint after epoch %d in %s cannot be restored (%s).', epoch, path, _reason(e))
+                damaged.append((epoch, path, _reason(e)))
+                continue
+            if damaged:
+                self._set_aside(damaged)
+                logging.warning('Resuming from the checkpoint after epoch %d instead; the damaged one(s) were '
+                                'renamed to %s.', epoch, ', '.join(p + DAMAGED_SUFFIX for _, p, _ in damaged))
+            return epoch, restored['state'], restored['meta']
+        if damaged:
+            raise CheckpointError(
+                f'No checkpoint in {self.directory} can be restored (epoch(s) '
+                f'{", ".join(str(e) for e, _, _ in damaged)}; the newest: {damaged[0][2]}). Delete {self.directory} '
+                'to train this phase again from its start, or start over with a new --workdir.')
+        return None
+
+    def _set_aside(self, damaged) -> None:
+        """Renames damaged step directories out of orbax's way (process 0), then reopens the manager."""
+        self._manager.close()
+        if jax.process_index() == 0:
+            for _, path, _ in damaged:
+                target = path + DAMAGED_SUFFIX
+                if os.path.exists(target):
+                    target = f'{target}.{int(time.time())}'
+                if os.path.exists(path):
+                    os.rename(path, target)
+        _sync(f'bag_jax.checkpoint.set_aside {self.directory}')
+        self._manager = self._open()
 
     def close(self) -> None:
         """Waits for pending saves and releases the manager."""

@@ -460,7 +460,7 @@ def convert(path: str, out: str, dataset: Optional[str] = None) -> dict[str, Any
     if dataset is None:
         raise ValueError(f'cannot tell the dataset from the file name {os.path.basename(path)!r} '
                          f'(no _cifar100/_cifar10 in it): pass --dataset, one of {sorted(_DATASETS)}.')
-    if checkpoint.is_teacher_checkpoint(out) or os.path.exists(os.path.join(out, checkpoint.TEACHER_VARIABLES)):
+    if checkpoint.is_teacher_checkpoint(out) or os.path.exists(os.path.join(out, checkpoint.VARIABLES)):
         raise ValueError(f'--out {out!r} already holds a teacher checkpoint; choose a new directory.')
     model, variables = load_pytorchcv(path)
     meta = teacher_meta(dataset, model.depth, model.num_classes, os.path.basename(path))
@@ -488,7 +488,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     out = os.path.abspath(args.out)
     print(f'wrote teacher checkpoint {out}: resnet{meta["depth"]} ({meta["arch"]}, depth {meta["depth"]}, '
           f'{meta["num_classes"]} classes) for {meta["data"]["name"]}, from {meta["source"]}')
-    print(f'  {os.path.join(out, checkpoint.TEACHER_META)}, {os.path.join(out, checkpoint.TEACHER_VARIABLES)}/')
+    print(f'  {os.path.join(out, checkpoint.TEACHER_META)}, {os.path.join(out, checkpoint.VARIABLES)}/')
     return 0
 
 
