@@ -106,6 +106,7 @@ def time_parts(setup: dfq.Setup, state: dfq.DFQState, teacher_variables, repeats
 
 def run_bench(config, steps: int, repeats: int, parts: bool = False) -> dict:
     """Compiles and times `steps` joint iterations; returns the result dict (see module docstring)."""
+    config = config.copy_and_resolve_references()   # the caller's config stays as it was
     with config.unlocked():
         config.iters_per_epoch = steps
     validation.validate_quantize(config)

@@ -20,9 +20,12 @@ step that restores is used instead.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -88,19 +91,23 @@ def save_model(directory: str, variables: dict, meta: dict[str, Any], kind: str)
     if jax.process_index() == 0:
         with open(os.path.join(partial, _META_FILES[kind]), 'w') as f:
             json.dump({**meta, 'kind': kind}, f, indent=2, sort_keys=True)
-        if os.path.exists(directory):
-            # Replacing a finished checkpoint (an extended run's student): between the two
-            # renames there is no `directory`, never a half-written one.
-            old = directory + '.replaced'
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(directory, old)
-            os.rename(partial, directory)
-            shutil.rmtree(old)
-        else:
-            os.rename(partial, directory)
+        _publish(partial, directory)
     # No process may look for the checkpoint (a quantization run loads the teacher it has just
     # trained) before process 0 has renamed it into place.
     _sync(f'bag_jax.checkpoint.save_model done {directory}')
+
+
+def _publish(partial: str, directory: str) -> None:
+    """Renames the complete checkpoint `partial` to `directory`. Replacing a finished one (an
+    extended run's student), there is for a moment no `directory`, never a half-written one."""
+    if os.path.exists(directory):
+        old = directory + '.replaced'
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(directory, old)
+        os.rename(partial, directory)
+        shutil.rmtree(old)
+    else:
+        os.rename(partial, directory)
 
 
 def _sync(name: str) -> None:
@@ -157,7 +164,7 @@ def load_model(directory: str, field: str = 'checkpoint', kinds: tuple[str, ...]
         raise CheckpointError(f'{field}={directory!r}: {meta_path} is damaged ({_reason(e)}); '
                               f'write the checkpoint again or use another one.') from None
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
+        with _quiet_read_failures(), ocp.StandardCheckpointer() as checkpointer:
             state = checkpointer.restore(os.path.join(directory, VARIABLES))
     except Exception as e:   # orbax and tensorstore raise many kinds; all mean the same here
         raise CheckpointError(f'{field}={directory!r}: its variables in {os.path.join(directory, VARIABLES)} '
@@ -165,6 +172,37 @@ def load_model(directory: str, field: str = 'checkpoint', kinds: tuple[str, ...]
                               'one.') from None
     variables = jax.tree.map(np.asarray, dict(state))
     return kind, model, variables, meta
+
+
+def _is_read_failure_echo(unraisable) -> bool:
+    """True for what a failed orbax read leaves behind: orbax reads every array in its own
+    coroutine, and when one fails the others are dropped unawaited (each reported with its
+    TensorStore spec when collected), or complete into an event loop already closed."""
+    coroutine_file = getattr(getattr(unraisable.object, 'cr_code', None), 'co_filename', '')
+    closed_loop = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == 'Event loop is closed'
+    return closed_loop or f'{os.sep}orbax{os.sep}' in coroutine_file
+
+
+@contextlib.contextmanager
+def _quiet_read_failures():
+    """Reports a failed checkpoint read once, by its exception, not once per array in flight.
+
+    Inside, and after a read failed inside for the rest of the process, `sys.unraisablehook`
+    drops the reports `_is_read_failure_echo` recognises (hundreds of tracebacks for a training
+    state); everything else still reaches the previous hook.
+    """
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _is_read_failure_echo(unraisable):
+            previous(unraisable)
+    sys.unraisablehook = hook
+    try:
+        yield
+    except BaseException:
+        gc.collect()      # the dropped coroutines report now, while the filter is in place
+        raise
+    sys.unraisablehook = previous
 
 
 def _reason(error: BaseException) -> str:
@@ -227,8 +265,9 @@ class TrainingCheckpoints:
         damaged = []
         for epoch in sorted(self._manager.all_steps(), reverse=True):
             try:
-                restored = self._manager.restore(epoch, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+                with _quiet_read_failures():
+                    restored = self._manager.restore(epoch, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
                 if not isinstance(restored['meta'], dict):
                     raise ValueError(f'its meta item is {type(restored["meta"]).__name__}, not a dict')
             except Exception as e:   # orbax and tensorstore raise many kinds; all mean the same here

@@ -146,8 +146,7 @@ def load_dataset(data_config, *, process_index: int | None = None,
         num_classes = 10
     else:
         x_train, y_train, x_test, y_test = _read_npz(getattr(data_config, 'npz_path', None))
-        # At least 2, so that a file holding a single class still makes a classifier.
-        num_classes = max(int(y_train.max()) + 1, int(y_test.max()) + 1, 2)
+        num_classes = _check_classes(y_train, y_test, f'data.npz_path={getattr(data_config, "npz_path", None)!r}')
     mean, std = _channel_mean_std(x_train)
     info = DatasetInfo(name=name, num_classes=num_classes, image_shape=x_train.shape[1:],
                        mean=mean, std=std, augment='none')   # a flip changes a digit
@@ -360,6 +359,22 @@ def _read_npz(npz_path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
         raise ValueError(f'data.npz_path={npz_path!r}: train images are {x_train.shape[1:]} but test '
                          f'images are {x_test.shape[1:]}; both splits need one (H, W, C).')
     return x_train, y_train, x_test, y_test
+
+
+def _check_classes(y_train: np.ndarray, y_test: np.ndarray, where: str) -> int:
+    """The class count, max(y_train) + 1, after checking that the training split has at least
+    two classes and that the test split holds no label the training split lacks."""
+    present = np.unique(y_train)
+    if len(present) < 2:
+        raise ValueError(f'{where}: y_train holds {len(present)} class(es) ({present.tolist()}); a classifier needs '
+                         'at least 2, so its accuracy would mean nothing.')
+    unseen = np.setdiff1d(np.unique(y_test), present)
+    if len(unseen):
+        shown = unseen[:10].tolist()
+        raise ValueError(f'{where}: y_test holds label(s) {shown}{" ..." if len(unseen) > 10 else ""} that y_train '
+                         f'does not; the classes are those of the training split ({len(present)} labels, 0 to '
+                         f'{int(present.max())}). Relabel the test split or add those classes to y_train.')
+    return int(present.max()) + 1
 
 
 def _channel_mean_std(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

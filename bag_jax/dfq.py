@@ -21,6 +21,7 @@ Methods (`config.method`; each part of BAG switches off on its own):
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any, Callable
@@ -39,6 +40,11 @@ from bag_jax.models import Generator, ResNetCifar, bn_input_pairs, unit_features
 DFQ_STATE_DIR = 'dfq_state'
 IMAGES_DIR = 'images'
 ADAM_EPS = 1e-8
+GRID_PER_CLASS = 8
+# Above this many pixels per image (64x64) a run warns with its expected memory: the generator's
+# first layer grows with the pixel count (spec 3), 210M parameters at 512x512.
+LARGE_IMAGE_PIXELS = 64 * 64
+RUNTIME_BYTES = 1e9    # the peak memory of a CIFAR-sized run beyond its arrays, measured on CPU
 
 
 @flax.struct.dataclass
@@ -238,12 +244,13 @@ def make_train_epoch(setup: Setup, mesh, num_seeds: int, loop: str = 'auto') -> 
     seed. XLA:CPU runs convolutions inside a while loop 10-70x slower than the same convolutions
     outside one, and vmapped ones several times slower than separate calls (bench/NOTES.md), so
     'auto' takes 'python' on CPU and 'scan' on GPU and TPU. Both compile once for the whole run
-    (`epoch_fn.cache_size()` counts the programs).
+    (`epoch_fn.programs()` counts the programs traced so far).
     """
     if loop == 'auto':
         loop = 'python' if mesh.devices.flat[0].platform == 'cpu' else 'scan'
     data_sharding = parallel.batch_sharded(mesh)
     repl = parallel.replicated(mesh)
+    traced = []    # one entry per trace of the compiled function, i.e. per program
 
     def over_seeds(fn):
         return jax.vmap(fn, in_axes=(0, None, None)) if num_seeds > 1 else _with_seed_axis(fn)
@@ -251,17 +258,23 @@ def make_train_epoch(setup: Setup, mesh, num_seeds: int, loop: str = 'auto') -> 
     def iteration(state, teacher_variables, epoch):
         return train_iteration(setup, state, teacher_variables, epoch, data_sharding)
 
+    def counted(fn):
+        def wrapped(*args):
+            traced.append(None)
+            return fn(*args)
+        return wrapped
+
     if loop == 'scan':
         def one_seed(state, teacher_variables, epoch):
             state, per_iteration = jax.lax.scan(lambda carry, _: iteration(carry, teacher_variables, epoch), state,
                                                 None, length=setup.iters_per_epoch)
             return state, jax.tree.map(jnp.mean, per_iteration)
-        compiled = jax.jit(over_seeds(one_seed), donate_argnums=(0,), out_shardings=(repl, repl))
+        compiled = jax.jit(counted(over_seeds(one_seed)), donate_argnums=(0,), out_shardings=(repl, repl))
         epoch_fn = lambda state, teacher_variables, epoch: compiled(state, teacher_variables, epoch)
     else:
         # One seed per call: vmapping over seeds turns XLA:CPU's convolutions into grouped ones
         # with batched kernels, which it runs far slower than K separate calls (bench/NOTES.md).
-        compiled = jax.jit(iteration, donate_argnums=(0,), out_shardings=(repl, repl))
+        compiled = jax.jit(counted(iteration), donate_argnums=(0,), out_shardings=(repl, repl))
 
         def epoch_fn(state, teacher_variables, epoch):
             seeds = [jax.tree.map(lambda a: a[k], state) for k in range(num_seeds)]
@@ -273,7 +286,7 @@ def make_train_epoch(setup: Setup, mesh, num_seeds: int, loop: str = 'auto') -> 
             epoch_metrics = [jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *m) for m in per_iteration]
             stack = lambda *xs: jnp.stack(xs)
             return jax.tree.map(stack, *seeds), jax.tree.map(stack, *epoch_metrics)
-    epoch_fn.cache_size = compiled._cache_size
+    epoch_fn.programs = lambda: len(traced)
     epoch_fn.loop = loop
     return epoch_fn
 
@@ -300,13 +313,66 @@ def make_student_eval_step(setup: Setup, info: data.DatasetInfo, mesh) -> Callab
     return evaluate.make_eval_step(apply_all, info, mesh)
 
 
-def make_generate(setup: Setup) -> Callable:
-    """Compiles image generation by the first seed's generator: (state, z, y) -> images."""
+def make_image_grid(setup: Setup, seed: int, chunk: int) -> Callable:
+    """Compiles the image grid of the first seed's generator: state -> uint8 (rows, cols, 3).
+
+    One row of `GRID_PER_CLASS` images for each of the first `metrics.GRID_CLASSES` classes, from
+    fixed latents (the same every epoch). The generator runs on at most `chunk` images at a
+    time (the generator normalizes with its batch's statistics, so each call is a batch of
+    equal size, the largest divisor of the image count up to `chunk`).
+    """
+    shown = min(setup.num_classes, metrics.GRID_CLASSES)
+    y = jnp.repeat(jnp.arange(shown), GRID_PER_CLASS)
+    z = jax.random.normal(jax.random.PRNGKey(seed + 10_000), (len(y), setup.latent_dim))
+    size = max(d for d in range(1, min(chunk, len(y)) + 1) if len(y) % d == 0)
+
+    @jax.jit
     def generate(state, z, y):
         variables = {'params': jax.tree.map(lambda a: a[0], state.gen_params),
                      'quant_stats': jax.tree.map(lambda a: a[0], state.gen_quant_stats)}
         return setup.generator.apply(variables, z, y)
-    return jax.jit(generate)
+
+    def grid(state) -> np.ndarray:
+        images = np.concatenate([np.asarray(generate(state, z[i:i + size], y[i:i + size]))
+                                 for i in range(0, len(y), size)])
+        return metrics.image_grid(images, np.asarray(y), setup.num_classes, per_class=GRID_PER_CLASS)
+    return grid
+
+
+def warn_about_memory(setup: Setup, info: data.DatasetInfo) -> float | None:
+    """Logs a warning with the expected memory of one training iteration when the images are
+    larger than `LARGE_IMAGE_PIXELS`; returns that estimate in bytes (None for small images).
+
+    The estimate (float32) counts the generator's parameters four times (value, gradient, Adam's
+    two moments), the student's three times (value, gradient, momentum) and the teacher's once,
+    every module output of the generator and of two ResNets once per image of the batch, and
+    `RUNTIME_BYTES` for JAX itself. It came within 10 % of the peak memory measured on CPU for
+    32x32 to 256x256 RGB images at batch 16 (bench/NOTES.md).
+    """
+    height, width, _ = info.image_shape
+    if height * width <= LARGE_IMAGE_PIXELS:
+        return None
+    key = jax.random.PRNGKey(0)
+    z, y = jnp.zeros((1, setup.latent_dim)), jnp.zeros((1,), jnp.int32)
+    x = jnp.zeros((1,) + info.image_shape)
+    count = lambda tree: sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
+
+    def sizes(module, *inputs):
+        """(parameters, activations per example) of `module`, from shapes alone."""
+        variables = jax.eval_shape(lambda: module.init(key, *inputs))
+        _, captured = jax.eval_shape(lambda v: module.apply(v, *inputs, capture_intermediates=True,
+                                                            mutable=['intermediates']), variables)
+        return count(variables['params']), count(captured)
+
+    gen_params, gen_acts = sizes(setup.generator, z, y)
+    net_params, net_acts = sizes(setup.teacher, x)
+    floats = 4 * gen_params + 4 * net_params + setup.batch_size * (gen_acts + 2 * net_acts)
+    estimate = 4.0 * floats + RUNTIME_BYTES
+    logging.warning('%dx%d images are larger than %d pixels: one training iteration at batch %d needs about '
+                    '%.1f GB of memory (the generator alone has %.1fM parameters). Lower batch_size, or use '
+                    'smaller images, if that does not fit.', height, width, LARGE_IMAGE_PIXELS, setup.batch_size,
+                    estimate / 1e9, gen_params / 1e6)
+    return estimate
 
 
 def _summary_stats(values: list[float]) -> dict[str, float]:
@@ -341,12 +407,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     teacher_eval = evaluate.make_eval_step(lambda v, x: teacher_model.apply(v, x), info, mesh)
     teacher_top1 = evaluate.evaluate(teacher_eval, teacher_variables, dataset, mesh, config.eval_batch_size)['top1']
 
+    warn_about_memory(setup, info)
     state = init_states(setup, teacher_host, config.seed, K, mesh)
     train_epoch = make_train_epoch(setup, mesh, K, config.epoch_loop)
     eval_step = make_student_eval_step(setup, info, mesh)
-    generate = make_generate(setup)
-    grid_z = jax.random.normal(jax.random.PRNGKey(config.seed + 10_000), (10 * 4 * 2, setup.latent_dim))
-    grid_y = jnp.arange(grid_z.shape[0]) % info.num_classes
+    image_grid = make_image_grid(setup, config.seed, config.eval_batch_size)
 
     history = {'top1': [], 'top5': []}
     ptq_top1, wall_s, start = None, 0.0, 0
@@ -356,7 +421,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         if restored is not None:
             start, state, meta = restored
             history, ptq_top1, wall_s = meta['history'], meta['ptq_top1'], meta['wall_s']
+            if start > config.epochs:
+                raise ValueError(f'epochs={config.epochs} is fewer than the {start} epochs that the run in {workdir} '
+                                 f'has finished: use epochs={start} or more to extend it, or a new --workdir.')
             logging.info('quantization: resuming after epoch %d of %d', start, config.epochs)
+        writer.resume(config.method, start)
         progress = tqdm(range(start, config.epochs), initial=start, total=config.epochs, desc=config.method,
                         unit='epoch', disable=None if jax.process_index() == 0 else True)
         for epoch in progress:
@@ -367,7 +436,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 if not np.all(np.isfinite(values)):
                     last = ckpts.latest_epoch()
                     raise FloatingPointError(
-                        f'epoch {epoch}: {name} is {values.tolist()} (not finite). Stopped; the last good checkpoint '
+                        f'epoch {epoch + 1}: {name} is {values.tolist()} (not finite). Stopped; the last good checkpoint '
                         f'({"none yet" if last is None else f"after epoch {last}"}) is kept in '
                         f'{os.path.join(workdir, DFQ_STATE_DIR)}. Lower generator.lr/student.lr or check the teacher.')
             result = evaluate.evaluate(eval_step, student_variables(state, teacher_variables), dataset, mesh,
@@ -379,8 +448,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 ptq_top1 = top1     # calibrated, not yet fine-tuned
             wall_s += time.time() - t0
             scalars = {k: float(v.mean()) for k, v in epoch_metrics.items()}
+            # The student does not step during warm-up: its rate is 0 there.
+            lr_student = learning_rate(setup.student_lr, jnp.int32(epoch), setup.lr_milestones, setup.lr_decay)
             scalars.update(top1=float(np.mean(top1)), top5=float(np.mean(top5)),
-                           lr_student=float(learning_rate(setup.student_lr, jnp.int32(epoch), setup.lr_milestones, setup.lr_decay)),
+                           lr_student=float(lr_student) if epoch >= config.warmup_epochs else 0.0,
                            epoch_s=time.time() - t0)
             if epoch % config.log_every == 0 or epoch == config.epochs - 1:
                 writer.write(epoch + 1, scalars, phase=config.method)
@@ -388,18 +459,18 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                                  top1=f'{scalars["top1"]:.2f}')
             if config.image_grid_every and (epoch % config.image_grid_every == 0 or epoch == config.epochs - 1):
                 # The generator's parameters live on every process's devices: all run it, process 0 writes.
-                images = np.asarray(generate(state, grid_z, grid_y))
+                grid = image_grid(state)
                 if jax.process_index() == 0:
                     os.makedirs(os.path.join(workdir, IMAGES_DIR), exist_ok=True)
-                    metrics.save_png(os.path.join(workdir, IMAGES_DIR, f'epoch_{epoch + 1:04d}.png'),
-                                     metrics.image_grid(images, np.asarray(grid_y), info.num_classes, per_class=8))
+                    metrics.save_png(os.path.join(workdir, IMAGES_DIR, f'epoch_{epoch + 1:04d}.png'), grid)
             ckpts.save(epoch + 1, state, {'epoch': epoch + 1, 'history': history, 'ptq_top1': ptq_top1,
                                           'wall_s': wall_s})
 
     host_state = parallel.to_host(state)
     for k in range(K):
         directory = os.path.join(workdir, 'student' if K == 1 else f'student_seed{config.seed + k}')
-        if not checkpoint.is_model_checkpoint(directory, 'student'):   # kept when a finished run starts again
+        # Kept when a finished run starts again; rewritten when a run is extended.
+        if _student_epochs(directory) != config.epochs:
             variables = {'params': jax.tree.map(lambda a: a[k], host_state.stu_params),
                          'quant_stats': jax.tree.map(lambda a: a[k], host_state.stu_quant_stats),
                          'batch_stats': teacher_host['batch_stats']}
@@ -407,12 +478,20 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 info, teacher_model.depth, source=f'{config.method} from {teacher_meta["source"]}',
                 quant={'w_bits': setup.student.w_bits, 'a_bits': setup.student.a_bits,
                        'range_rule': config.quant.range_rule, 'ste': config.quant.ste},
-                top1=history['top1'][-1][k])
+                top1=history['top1'][-1][k], epochs=config.epochs)
             checkpoint.save_model(directory, variables, meta, 'student')
     summary = make_summary(config, history, ptq_top1, teacher_top1, wall_s, devices)
     metrics.write_summary(workdir, summary)
     logging.info('summary: %s', summary)
     return summary
+
+
+def _student_epochs(directory: str) -> int | None:
+    """The epochs the student checkpoint in `directory` was trained for (None: none there)."""
+    if not checkpoint.is_model_checkpoint(directory, 'student'):
+        return None
+    with open(os.path.join(directory, checkpoint.STUDENT_META)) as f:
+        return json.load(f).get('epochs')
 
 
 def make_summary(config, history, ptq_top1, teacher_top1, wall_s, devices) -> dict[str, Any]:

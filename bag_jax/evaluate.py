@@ -53,6 +53,7 @@ def evaluate(eval_step: Callable, variables, dataset: data.ArrayDataset, mesh, g
 def run_evaluation(config, workdir: str) -> dict[str, float]:
     """The `evaluate` mode: scores `config.checkpoint` (a teacher or a student) on its dataset's
     test split and writes `workdir/summary.json`. Returns the summary."""
+    validation.check_divisible(config.eval_batch_size, jax.device_count(), 'eval_batch_size')
     kind, model, variables, meta = checkpoint.load_model(config.checkpoint, field='checkpoint')
     data_config = config.data.copy_and_resolve_references()
     with data_config.unlocked():
@@ -61,7 +62,6 @@ def run_evaluation(config, workdir: str) -> dict[str, float]:
     info = data.DatasetInfo.from_dict(meta['data'])
     checkpoint.check_compatible(info, dataset.info, 'checkpoint')
     mesh = parallel.make_mesh()
-    validation.check_divisible(config.eval_batch_size, jax.device_count(), 'eval_batch_size')
     step = make_eval_step(lambda v, x: model.apply(v, x, train=False), info, mesh)
     result = evaluate(step, parallel.replicate(variables, mesh), dataset, mesh, config.eval_batch_size)
     summary = {'checkpoint': os.path.abspath(config.checkpoint), 'kind': kind, 'dataset': info.name, **result}

@@ -1,5 +1,6 @@
-"""What `run.py` runs: validates the config, joins a multi-process run if there is one, and
-dispatches on `config.mode`."""
+"""What `run.py` runs: validates the config, joins a multi-process run if there is one, claims
+the workdir (one run at a time, of one config: `bag_jax.workdir`), and dispatches on
+`config.mode`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import jax
 from absl import logging
 
 from bag_jax import parallel, validation
+from bag_jax import workdir as workdirs
 
 
 def run(config, workdir: str, **distributed):
@@ -18,16 +20,21 @@ def run(config, workdir: str, **distributed):
     workdir, which must be one directory that all of them see at the same path (a shared file
     system): they checkpoint into it together, and only process 0 writes metrics, images and the
     summary.
+
+    Raises workdir.WorkdirError, before anything is loaded, when another run is using `workdir`
+    or the run in it was made with another config (`bag_jax.workdir`).
     """
     validation.validate_config(config)
     parallel.initialize_distributed(**distributed)
+    validation.check_device_split(config, jax.device_count())
     logging.info('mode %s on %d %s device(s), workdir %s', config.mode, jax.device_count(),
                  jax.devices()[0].platform, workdir)
-    if config.mode == 'teacher':
-        from bag_jax import teacher
-        return teacher.train_teacher(config, workdir)
-    if config.mode == 'evaluate':
-        from bag_jax import evaluate
-        return evaluate.run_evaluation(config, workdir)
-    from bag_jax import dfq
-    return dfq.train_and_evaluate(config, workdir)
+    with workdirs.claim(config, workdir):
+        if config.mode == 'teacher':
+            from bag_jax import teacher
+            return teacher.train_teacher(config, workdir)
+        if config.mode == 'evaluate':
+            from bag_jax import evaluate
+            return evaluate.run_evaluation(config, workdir)
+        from bag_jax import dfq
+        return dfq.train_and_evaluate(config, workdir)

@@ -106,6 +106,7 @@ def train_teacher(config, workdir: str, dataset: data.ArrayDataset | None = None
             start, state, meta = restored
             result = meta.get('result', {})
             logging.info('teacher: resuming after epoch %d of %d', start, tc.epochs)
+        writer.resume('teacher', start)
         progress = tqdm(total=steps * tc.epochs, initial=steps * start, desc='teacher', unit='step',
                         disable=None if jax.process_index() == 0 else True)
         for epoch in range(start, tc.epochs):

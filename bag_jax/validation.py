@@ -6,6 +6,7 @@ allowed, so a typo costs a second, not a compilation.
 
 from __future__ import annotations
 
+import difflib
 import numbers
 from typing import Any
 
@@ -17,6 +18,36 @@ DATA_SOURCES = ('cifar100', 'cifar10', 'digits', 'npz')
 CHANNEL_ATTENTION_FORMS = ('energy', 'mean', 'softmax')
 CHANNEL_ATTENTION_LAYERS = ('branch', 'conv', 'unit_out', 'stage_out')
 EPOCH_LOOPS = ('auto', 'scan', 'python')
+
+
+def flat_fields(record: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: a config as a dict (`config.to_dict()`) by dotted field name."""
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict) and value:
+            flat.update(flat_fields(value, f'{prefix}{key}.'))
+        else:
+            flat[f'{prefix}{key}'] = value
+    return flat
+
+
+def unknown_field_message(config, field: str) -> str | None:
+    """None if `field` (dotted) is a field of `config`; otherwise the message that says so and
+    names the closest valid fields."""
+    node = config
+    for part in field.split('.'):
+        if not hasattr(node, 'keys') or part not in node:
+            break
+        node = node[part]
+    else:
+        return None
+    names = list(flat_fields(config.to_dict()))
+    close = difflib.get_close_matches(field, names, n=3, cutoff=0.6)
+    if not close:   # a misspelt last part under the right section, or the right name in another one
+        last = field.rsplit('.', 1)[-1]
+        close = [n for n in names if difflib.get_close_matches(last, [n.rsplit('.', 1)[-1]], cutoff=0.75)][:3]
+    hint = f'did you mean {", ".join(repr(n) for n in close)}?' if close else 'README.md lists the fields under "Config fields".'
+    return f'unknown config field {field!r}: {hint}'
 
 
 def _get(config, field: str) -> Any:
@@ -68,6 +99,10 @@ def validate_data(config, name_optional: bool = False) -> None:
         name = _choice(config, 'data.name', DATA_SOURCES)
     npz_path = _optional_str(config, 'data.npz_path')
     _optional_str(config, 'data.tfds_dir')
+    if 'digits_test_fraction' in config.data:
+        fraction = _number(config, 'data.digits_test_fraction', strict=True, maximum=1.0)
+        if fraction >= 1.0:
+            raise ValueError(f'data.digits_test_fraction={fraction!r} is not allowed: use a fraction in (0, 1).')
     if name == 'npz' and npz_path is None:
         raise ValueError("data.name='npz' needs data.npz_path: the .npz file with x_train, y_train, x_test, y_test.")
 
@@ -142,6 +177,18 @@ def validate_config(config) -> None:
         if _get(config, 'checkpoint') is None:
             raise ValueError('checkpoint is unset: pass --config.checkpoint=DIR, a teacher or student checkpoint.')
         _int(config, 'eval_batch_size', 1)
+
+
+def check_device_split(config, device_count: int) -> None:
+    """Raises ValueError unless every global batch the config's mode uses splits evenly over
+    `device_count` devices (checked before anything is loaded)."""
+    fields = {'quantize': ['batch_size', 'eval_batch_size', 'teacher.batch_size'],
+              'teacher': ['teacher.batch_size', 'eval_batch_size'],
+              'evaluate': ['eval_batch_size']}[config.mode]
+    if config.mode == 'quantize' and config.teacher.checkpoint:
+        fields.remove('teacher.batch_size')    # no teacher is trained
+    for field in fields:
+        check_divisible(_get(config, field), device_count, field)
 
 
 def check_divisible(batch_size: int, device_count: int, field: str = 'batch_size') -> None:

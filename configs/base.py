@@ -86,6 +86,7 @@ def get_config(method: str = 'bag') -> ml_collections.ConfigDict:
     c.data.name = 'cifar100'       # 'cifar100' | 'cifar10' | 'digits' | 'npz'
     c.data.npz_path = config_dict.placeholder(str)
     c.data.tfds_dir = config_dict.placeholder(str)
+    c.data.digits_test_fraction = 0.25   # digits only: the share of the 1797 images held out for testing
 
     c.teacher = ml_collections.ConfigDict()
     c.teacher.checkpoint = config_dict.placeholder(str)   # empty: train one into workdir/teacher

@@ -21,4 +21,5 @@ def get_config(arg=None):
     c.data.name = config_dict.placeholder(str)   # default: the checkpoint's dataset
     c.data.npz_path = config_dict.placeholder(str)
     c.data.tfds_dir = config_dict.placeholder(str)
+    c.data.digits_test_fraction = 0.25   # digits only: as the quantization run that made the checkpoint
     return c

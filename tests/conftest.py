@@ -13,6 +13,8 @@ jax.config.update('jax_num_cpu_devices', NUM_TEST_DEVICES)
 # Tests build the same programs many times over (every run makes fresh jit closures); a
 # compilation cache shared by the session compiles each once. XLA on CPU compiles slowly.
 _CACHE_DIR = tempfile.mkdtemp(prefix='bag_jax_test_xla_cache_')
+# Subprocesses that run.py (tests/test_recovery.py) read the same cache through these.
+CACHE_ENV = {'JAX_COMPILATION_CACHE_DIR': _CACHE_DIR, 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0.5'}
 atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 jax.config.update('jax_compilation_cache_dir', _CACHE_DIR)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
@@ -25,24 +27,9 @@ import pytest  # noqa: E402
 
 
 def tiny_config(method: str = 'bag'):
-    """A digits run small enough for CI: depth-8 teacher, batch 8, 2 epochs of 2 iterations."""
-    from configs import base
-    c = base.get_config(method)
-    c.data.name = 'digits'
-    c.teacher.depth = 8
-    c.teacher.epochs = 2
-    c.teacher.batch_size = 64
-    c.teacher.lr = 0.05
-    c.batch_size = 8
-    c.epochs = 2
-    c.iters_per_epoch = 2
-    c.warmup_epochs = 1
-    c.calibration_epochs = 1
-    c.lr_milestones = (1,)
-    c.generator.latent_dim = 16
-    c.eval_batch_size = 200
-    c.image_grid_every = 1
-    return c
+    """A digits run small enough for CI (tests/tiny_config.py, which run.py also takes)."""
+    from tests import tiny_config as config_file
+    return config_file.get_config(method)
 
 
 @pytest.fixture(scope='session')

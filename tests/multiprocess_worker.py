@@ -22,7 +22,7 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tests.conftest import tiny_config  # noqa: E402  (sets 4 devices and a cache: both replaced below)
+from tests.tiny_config import get_config as tiny_config  # noqa: E402
 
 LOCAL_DEVICES = 2
 

@@ -75,6 +75,8 @@ BAD_VALUES = [
     ('data.name', 'imagenet', "data.name='imagenet' is not allowed: choose one of 'cifar100', 'cifar10', 'digits', 'npz'"),
     ('teacher.depth', 18, 'teacher.depth=18 is not a basic-block CIFAR ResNet depth'),
     ('teacher.checkpoint', '', "teacher.checkpoint='' is not allowed"),
+    ('data.digits_test_fraction', 1.0, 'data.digits_test_fraction=1.0 is not allowed: use a fraction in \\(0, 1\\)'),
+    ('data.digits_test_fraction', 0.0, 'data.digits_test_fraction=0.0 is not allowed'),
 ]
 
 
@@ -98,17 +100,36 @@ def test_npz_needs_a_path():
         validation.validate_config(c)
 
 
-def run_cli(*args, timeout=300):
+def run_cli(*args, timeout=300, env=None):
     return subprocess.run([sys.executable, 'run.py', *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+                          timeout=timeout, env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3',
+                                                **(env or {})})
 
 
 def test_cli_overrides_reach_validation(tmp_path):
-    result = run_cli('--config=configs/cifar100_w3a3.py', '--config.quant.w_bits=0', f'--workdir={tmp_path}')
-    assert result.returncode != 0
-    assert 'quant.w_bits=0 is not a valid bit-width' in result.stderr
-    result = run_cli('--config=configs/cifar100_w3a3.py:gdfq', '--config.quant.wbits=4', f'--workdir={tmp_path}')
-    assert result.returncode != 0 and 'Did you mean "w_bits"' in result.stderr
+    # A bad value, an unknown field, an unknown flag, a bad config argument: one line each.
+    cases = [
+        (['--config=configs/cifar100_w3a3.py', '--config.quant.w_bits=0'],
+         'run.py: error: quant.w_bits=0 is not a valid bit-width: use an integer from 1 to 16'),
+        (['--config=configs/cifar100_w3a3.py:gdfq', '--config.quant.wbits=4'],
+         "run.py: error: unknown config field 'quant.wbits': did you mean 'quant.w_bits', 'quant.a_bits'"),
+        (['--config=configs/cifar100_w3a3.py', '--config.foo=1'], "run.py: error: unknown config field 'foo': "),
+        (['--config=configs/cifar100_w3a3.py', '--config.w_bits=3'],
+         "run.py: error: unknown config field 'w_bits': did you mean 'quant.w_bits'?"),
+        (['--config=configs/cifar100_w3a3.py', '--config.quant.w_bits=three'],
+         "run.py: error: flag --config.quant.w_bits=three: invalid literal for int()"),
+        (['--config=configs/cifar100_w3a3.py:zeroq'],
+         "run.py: error: flag --config=configs/cifar100_w3a3.py: ValueError: config argument 'zeroq' is not a method"),
+    ]
+    for args, message in cases:
+        result = run_cli(*args, f'--workdir={tmp_path}')
+        assert result.returncode == 1, (args, result.stderr[-2000:])
+        assert result.stderr.startswith(message) and result.stderr.count('\n') == 1, (args, result.stderr[-2000:])
+    assert not os.path.exists(tmp_path / 'config.json')     # refused before the workdir was claimed
+    # The traceback, on request.
+    result = run_cli('--config=configs/cifar100_w3a3.py', '--config.quant.w_bits=0', f'--workdir={tmp_path}',
+                     env={'BAG_JAX_TRACEBACK': '1'})
+    assert 'Traceback (most recent call last)' in result.stderr and 'quant.w_bits=0' in result.stderr
     result = run_cli('--config=configs/cifar100_w3a3.py')
     assert result.returncode != 0 and '--workdir' in result.stderr
 

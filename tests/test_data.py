@@ -214,7 +214,7 @@ def test_npz_grayscale(tmp_path):
     rng = np.random.default_rng(0)
     x_train = rng.integers(0, 256, (10, 6, 5), dtype=np.uint8)
     x_test = rng.integers(0, 256, (5, 6, 5), dtype=np.uint8)
-    path = write_npz(tmp_path / 'd.npz', x_train=x_train, y_train=np.arange(10) % 3,
+    path = write_npz(tmp_path / 'd.npz', x_train=x_train, y_train=np.arange(10) % 5,
                      x_test=x_test, y_test=np.array([0, 1, 4, 2, 1]))
     ds = data.load_dataset(data_config('npz', npz_path=path), process_index=0, process_count=1)
     assert ds.info.num_classes == 5 and ds.info.image_shape == (6, 5, 1) and ds.info.augment == 'none'
@@ -230,11 +230,11 @@ def test_npz_grayscale(tmp_path):
 def test_npz_color(tmp_path):
     rng = np.random.default_rng(1)
     x_train = rng.integers(0, 256, (9, 4, 7, 2), dtype=np.uint8)
-    path = write_npz(tmp_path / 'd.npz', x_train=x_train, y_train=np.zeros((9, 1), np.int64),
+    path = write_npz(tmp_path / 'd.npz', x_train=x_train, y_train=(np.arange(9) % 2).reshape(9, 1).astype(np.int64),
                      x_test=x_train[:3], y_test=np.zeros(3, np.uint8))
     ds = data.load_dataset(data_config('npz', npz_path=path), process_index=0, process_count=1)
     assert ds.info.image_shape == (4, 7, 2)
-    assert ds.info.num_classes == 2   # a single label still makes a two-class problem
+    assert ds.info.num_classes == 2
     assert ds.y_train.shape == (9,) and ds.y_train.dtype == np.int32
     pixels = x_train.astype(np.float64) / 255.0
     np.testing.assert_allclose(ds.info.mean, pixels.mean(axis=(0, 1, 2)), rtol=1e-10)
@@ -272,6 +272,11 @@ def with_changes(**changes):
      r'x_test is empty'),
     (with_changes(x_train=np.zeros((10, 3, 3), np.uint8), x_test=np.zeros((4, 3, 3), np.uint8)),
      r'images are 3x3; the models need at least 4x4'),
+    (with_changes(y_train=np.full(10, 3), y_test=np.full(4, 3)),
+     r'y_train holds 1 class\(es\) \(\[3\]\); a classifier needs at least 2'),
+    (with_changes(y_test=np.array([0, 1, 2, 7])),
+     r'y_test holds label\(s\) \[2, 7\] that y_train does not; the classes are those of the training split '
+     r'\(2 labels, 0 to 1\)'),
 ])
 def test_npz_bad_contents(tmp_path, arrays, pattern):
     path = write_npz(tmp_path / 'd.npz', **arrays)

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from bag_jax import checkpoint, evaluate, experiment, metrics, teacher
+from bag_jax import checkpoint, data, evaluate, experiment, metrics, teacher
 from configs import evaluate as evaluate_config
 from tests.conftest import interrupted, tiny_config
 
@@ -50,7 +50,7 @@ def test_evaluate_mode_writes_summary(digits_teacher, tmp_path):
 
 
 def test_evaluate_counts_against_numpy(digits_teacher):
-    from bag_jax import data, parallel
+    from bag_jax import parallel
     model, variables, meta = checkpoint.load_teacher(digits_teacher)
     ds = data.load_dataset(tiny_config().data)
     mesh = parallel.make_mesh()
@@ -73,16 +73,25 @@ def test_quantization_reuses_a_finished_teacher(digits_teacher, tmp_path, monkey
     assert teacher.ensure_teacher(c, str(workdir)) == '/given/elsewhere'
 
 
-def test_bad_teacher_settings_fail_before_compiling(tmp_path):
+def test_bad_teacher_settings_fail_before_compiling(tmp_path, monkeypatch):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError('loaded data or compiled before the config was checked')
+    monkeypatch.setattr(jax, 'jit', must_not_run)
+    monkeypatch.setattr(data, 'load_dataset', must_not_run)
     c = tiny_config()
+    c.mode = 'teacher'
     c.teacher.batch_size = 6
     with pytest.raises(ValueError, match='teacher.batch_size=6 does not split over 4 devices'):
-        teacher.train_teacher(c, str(tmp_path))
+        experiment.run(c, str(tmp_path))
     c = tiny_config()
     c.teacher.lr = -1.0
     with pytest.raises(ValueError, match='teacher.lr=-1.0'):
         teacher.train_teacher(c, str(tmp_path))
     c = evaluate_config.get_config()
     c.checkpoint = str(tmp_path / 'missing')
+    c.eval_batch_size = 6
+    with pytest.raises(ValueError, match='eval_batch_size=6 does not split over 4 devices'):
+        experiment.run(c, str(tmp_path))
+    c.eval_batch_size = 8
     with pytest.raises(FileNotFoundError, match='is not a teacher or student checkpoint'):
         experiment.run(c, str(tmp_path))

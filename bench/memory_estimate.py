@@ -1,0 +1,43 @@
+"""The memory of one training iteration against `dfq.warn_about_memory`'s estimate.
+
+    JAX_PLATFORMS=cpu python bench/memory_estimate.py SIZE BATCH
+
+Writes a 4-image SIZE x SIZE RGB npz dataset to /tmp, times one AdaDFQ iteration with a random
+ResNet-20 teacher (`bag_jax.bench`), and prints one JSON line: this process's peak RSS and the
+estimate. Run each size in its own process (peak RSS only grows).
+"""
+
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def main(size: int, batch: int) -> None:
+    import numpy as np
+
+    from bag_jax import bench, dfq
+    from configs import base
+
+    path = f'/tmp/bag_jax_memory_{size}.npz'
+    rng = np.random.default_rng(0)
+    np.savez(path, x_train=rng.integers(0, 256, (4, size, size, 3), np.uint8), y_train=np.arange(4) % 2,
+             x_test=rng.integers(0, 256, (2, size, size, 3), np.uint8), y_test=np.arange(2) % 2)
+    c = base.get_config('adadfq')
+    c.data.name, c.data.npz_path, c.batch_size = 'npz', path, batch
+    result = bench.run_bench(c, steps=1, repeats=1)
+    info = bench.bench_info(c)
+    setup = dfq.build_setup(c, bench.random_teacher(info, c.teacher.depth, c.seed)[0], info)
+    large = dfq.LARGE_IMAGE_PIXELS
+    dfq.LARGE_IMAGE_PIXELS = 0      # estimate every size, not only those that warn
+    estimate = dfq.warn_about_memory(setup, info)
+    dfq.LARGE_IMAGE_PIXELS = large
+    print(json.dumps({'size': size, 'batch': batch, 'peak_rss_mb': round(result['peak_rss_mb']),
+                      'estimate_mb': round(estimate / 2**20),
+                      'estimate_over_measured': round(estimate / 2**20 / result['peak_rss_mb'], 3)}))
+
+
+if __name__ == '__main__':
+    main(int(sys.argv[1]), int(sys.argv[2]))
