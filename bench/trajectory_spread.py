@@ -41,10 +41,12 @@ def run(out: str, devices: int, teacher_dir: str) -> None:
     dump = {}
     model = ResNetCifar(num_classes=info.num_classes, depth=c.teacher.depth)
     tx = teacher.teacher_optimizer(c.teacher, data.steps_per_epoch(dataset, c.teacher.batch_size) * c.teacher.epochs)
-    variables = model.init(jax.random.PRNGKey(c.seed), jnp.zeros((1,) + info.image_shape))
-    state = parallel.replicate(teacher.TeacherState(
-        step=jnp.zeros((), jnp.int32), params=variables['params'], batch_stats=variables['batch_stats'],
-        opt_state=tx.init(variables['params'])), mesh)
+
+    def init(key):    # as teacher.train_teacher initializes (compiled: eager init rounds differently)
+        variables = model.init(key, jnp.zeros((1,) + info.image_shape))
+        return teacher.TeacherState(step=jnp.zeros((), jnp.int32), params=variables['params'],
+                                    batch_stats=variables['batch_stats'], opt_state=tx.init(variables['params']))
+    state = jax.jit(init, out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(c.seed))
     step = teacher.make_train_step(model, tx, info, c.seed, c.teacher.label_smoothing, mesh)
     n = 0
     for epoch in range(c.teacher.epochs):
