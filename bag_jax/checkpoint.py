@@ -91,15 +91,16 @@ def save_model(directory: str, variables: dict, meta: dict[str, Any], kind: str)
     if jax.process_index() == 0:
         with open(os.path.join(partial, _META_FILES[kind]), 'w') as f:
             json.dump({**meta, 'kind': kind}, f, indent=2, sort_keys=True)
-        _publish(partial, directory)
+        publish(partial, directory)
     # No process may look for the checkpoint (a quantization run loads the teacher it has just
     # trained) before process 0 has renamed it into place.
     _sync(f'bag_jax.checkpoint.save_model done {directory}')
 
 
-def _publish(partial: str, directory: str) -> None:
-    """Renames the complete checkpoint `partial` to `directory`. Replacing a finished one (an
-    extended run's student), there is for a moment no `directory`, never a half-written one."""
+def publish(partial: str, directory: str) -> None:
+    """Renames the completely written directory `partial` to `directory` (a checkpoint, an
+    export). Replacing a finished one (an extended run's student), there is for a moment no
+    `directory`, never a half-written one."""
     if os.path.exists(directory):
         old = directory + '.replaced'
         shutil.rmtree(old, ignore_errors=True)

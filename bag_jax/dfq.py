@@ -369,9 +369,9 @@ def warn_about_memory(setup: Setup, info: data.DatasetInfo) -> float | None:
     floats = 4 * gen_params + 4 * net_params + setup.batch_size * (gen_acts + 2 * net_acts)
     estimate = 4.0 * floats + RUNTIME_BYTES
     logging.warning('%dx%d images are larger than %d pixels: one training iteration at batch %d needs about '
-                    '%.1f GB of memory (the generator alone has %.1fM parameters). Lower batch_size, or use '
-                    'smaller images, if that does not fit.', height, width, LARGE_IMAGE_PIXELS, setup.batch_size,
-                    estimate / 1e9, gen_params / 1e6)
+                    '%.1f GB of memory per seed (the generator alone has %.1fM parameters). Lower batch_size, or '
+                    'use smaller images, if that does not fit.', height, width, LARGE_IMAGE_PIXELS,
+                    setup.batch_size, estimate / 1e9, gen_params / 1e6)
     return estimate
 
 

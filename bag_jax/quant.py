@@ -49,13 +49,24 @@ def check_choice(value: Any, allowed: tuple[str, ...], field: str) -> str:
     return value
 
 
-def _quantize_dequantize(x, lo, hi, bits):
-    # The reference's AsymmetricQuantFunction.forward, in its order of operations (spec 2.2).
+def quantize_to_grid(x, lo, hi, bits: int):
+    """x's place on the asymmetric k-bit grid of [lo, hi] (spec 2.2). Returns (q, zero_point,
+    scale), all float arrays broadcast from x, lo and hi: q is an integer in
+    [-2^(k-1), 2^(k-1) - 1], zero_point an integer, and the quantized value is
+    (q + zero_point) / scale. `fake_quant` and the integer inference share this function, so both
+    round exactly alike.
+    """
+    # The reference's AsymmetricQuantFunction.forward, in its order of operations.
     n = 2.0**bits - 1.0
     scale = n / jnp.maximum(hi - lo, 1e-8)
     zero_point = jnp.round(scale * lo) + 2.0**(bits - 1)
     half = 2.0**(bits - 1)
     q = jnp.clip(jnp.round(scale * x - zero_point), -half, half - 1.0)
+    return q, zero_point, scale
+
+
+def _quantize_dequantize(x, lo, hi, bits):
+    q, zero_point, scale = quantize_to_grid(x, lo, hi, bits)
     return (q + zero_point) / scale
 
 
@@ -98,19 +109,22 @@ def fake_quant(x: jax.Array, lo: jax.Array, hi: jax.Array, bits: int, ste: str =
     return _fake_quant(x, lo, hi, int(bits), ste)
 
 
-def quantize_weight(w: jax.Array, bits: Optional[int], ste: str = 'identity') -> jax.Array:
-    """Per-output-channel weight fake quantization (spec 2.3).
+def weight_range(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The per-output-channel range of a weight (spec 2.3): min and max over every axis but the
+    last (Flax's HWIO conv kernels, (in, out) dense kernels), keepdims, under stop_gradient."""
+    axes = tuple(range(w.ndim - 1))
+    return (jax.lax.stop_gradient(jnp.min(w, axis=axes, keepdims=True)),
+            jax.lax.stop_gradient(jnp.max(w, axis=axes, keepdims=True)))
 
-    The output channel is the last axis (Flax's HWIO conv kernels and (in, out) dense kernels).
-    The range is the min/max of the current weight over all other axes, recomputed on every call
-    under stop_gradient. bits=None returns `w` unchanged. Returns an array of w's shape.
+
+def quantize_weight(w: jax.Array, bits: Optional[int], ste: str = 'identity') -> jax.Array:
+    """Per-output-channel weight fake quantization (spec 2.3) on `weight_range(w)`, recomputed
+    from the current weight on every call. bits=None returns `w` unchanged. Returns an array of
+    w's shape.
     """
     if bits is None:
         return w
-    axes = tuple(range(w.ndim - 1))
-    lo = jax.lax.stop_gradient(jnp.min(w, axis=axes, keepdims=True))
-    hi = jax.lax.stop_gradient(jnp.max(w, axis=axes, keepdims=True))
-    return fake_quant(w, lo, hi, bits, ste)
+    return fake_quant(w, *weight_range(w), bits, ste)
 
 
 def quantized_conv(w_bits: Optional[int], ste: str = 'identity'):

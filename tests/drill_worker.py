@@ -50,13 +50,13 @@ def arm(where: str, phase: str, step: int) -> None:
                 _die()
         checkpoint.TrainingCheckpoints.save = save_then_die
     elif where == 'before_publish':
-        publish = checkpoint._publish
+        publish = checkpoint.publish
 
         def die_before_publishing(partial, directory):
             if os.path.basename(directory) == phase:
                 _die()
             publish(partial, directory)
-        checkpoint._publish = die_before_publishing
+        checkpoint.publish = die_before_publishing
     elif where != 'none':
         raise SystemExit(f'unknown kill point {where!r}')
 

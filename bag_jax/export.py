@@ -1,0 +1,248 @@
+"""Deployable students: packed integer weights and a portable integer-inference module.
+
+    python -m bag_jax.export --checkpoint=W/student --out=OUT [--npz_path=F.npz | --tfds_dir=DIR]
+
+writes, for a student quantized at w_bits, a_bits <= 8:
+
+  OUT/weights.npz   the integer form (`integer_inference.integer_form`), every kernel's grid
+                    indices packed at its bit-width (`pack_bits`: eight 3-bit values in three
+                    bytes) as '<layer>/packed' with '<layer>/shape' and '<layer>/bits', beside the
+                    per-channel zero points and scales, the activation ranges, BatchNorm and the
+                    classifier bias as float32; '__meta__' holds the checkpoint's metadata as
+                    JSON. Plain arrays: np.load(..., allow_pickle=False) reads it.
+  OUT/model.jax     `jax.export` of the integer inference built from weights.npz as written:
+                    uint8 images (B, H, W, C) in, float32 logits out, symbolic batch, lowered
+                    for CPU, CUDA and TPU. Needs only jax:
+                        from jax import export
+                        model = export.deserialize(open('OUT/model.jax', 'rb').read())
+                        logits = model.call(images_uint8)
+  OUT/export.json   architecture, bit-widths, byte sizes (float32 weights against packed), and
+                    the agreement of the integer model (model.jax itself) with the fake-quantized
+                    student on the test split: predicted-class agreement, both top-1, the max
+                    and mean absolute logit differences.
+
+Everything is written into OUT.partial/ and renamed to OUT when complete; an OUT that holds
+something other than an earlier export is never replaced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from typing import Any, Optional
+
+import numpy as np
+
+from bag_jax import checkpoint, data, integer_inference
+
+WEIGHTS_FILE = 'weights.npz'
+MODEL_FILE = 'model.jax'
+REPORT_FILE = 'export.json'
+META_KEY = '__meta__'
+PLATFORMS = ('cpu', 'cuda', 'tpu')
+# The agreement the integer model must reach with the fake-quantized student (issue 12).
+AGREEMENT_BAR = 0.995
+
+
+def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """Packs unsigned integers below 2^bits, `bits` bits each, least significant bit first, into
+    uint8: ceil(n * bits / 8) bytes for n values."""
+    values = np.asarray(values).reshape(-1).astype(np.uint16)
+    if values.size and int(values.max()) >= 2**bits:
+        raise ValueError(f'pack_bits: a value {int(values.max())} does not fit in {bits} bits.')
+    planes = (values[:, None] >> np.arange(bits, dtype=np.uint16)) & 1
+    return np.packbits(planes.astype(np.uint8).reshape(-1), bitorder='little')
+
+
+def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """The inverse of `pack_bits`: `count` unsigned values (uint16)."""
+    planes = np.unpackbits(np.asarray(packed, np.uint8), count=count * bits, bitorder='little').reshape(count, bits)
+    return (planes.astype(np.uint16) << np.arange(bits, dtype=np.uint16)).sum(axis=1, dtype=np.uint16)
+
+
+def pack(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The content of weights.npz for an integer form: every '<layer>/q' (int8 grid indices at
+    w_bits) becomes '<layer>/packed' (q + 2^(bits-1), unsigned, `pack_bits`), '<layer>/shape' and
+    '<layer>/bits'; the rest is kept; META_KEY holds `meta` as JSON."""
+    w_bits, _ = integer_inference.check_student(meta, 'the student')
+    out = {META_KEY: np.array(json.dumps(meta, sort_keys=True))}
+    for name, value in arrays.items():
+        if name.endswith('/q'):
+            layer = name[:-2]
+            out[f'{layer}/packed'] = pack_bits(value.astype(np.int16) + 2**(w_bits - 1), w_bits)
+            out[f'{layer}/shape'] = np.asarray(value.shape, np.int64)
+            out[f'{layer}/bits'] = np.asarray(w_bits, np.int64)
+        else:
+            out[name] = value
+    return out
+
+
+def unpack(stored: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The inverse of `pack`: (the integer form, the metadata)."""
+    meta = json.loads(str(stored[META_KEY]))
+    arrays = {}
+    for name, value in stored.items():
+        if name == META_KEY or name.endswith(('/shape', '/bits')):
+            continue
+        if name.endswith('/packed'):
+            layer = name[:-len('/packed')]
+            shape, bits = tuple(int(s) for s in stored[f'{layer}/shape']), int(stored[f'{layer}/bits'])
+            values = unpack_bits(value, bits, int(np.prod(shape))).astype(np.int16) - 2**(bits - 1)
+            arrays[f'{layer}/q'] = values.astype(np.int8).reshape(shape)
+        else:
+            arrays[name] = value
+    return arrays, meta
+
+
+def load_weights(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Reads an exported weights.npz: (the integer form, the metadata)."""
+    with np.load(path, allow_pickle=False) as stored:
+        return unpack({name: stored[name] for name in stored.files})
+
+
+def serialize_forward(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> bytes:
+    """`jax.export` of `integer_inference.make_forward`, uint8 images with a symbolic batch."""
+    import jax
+    from jax import export as jax_export
+    height, width, channels = meta['data']['image_shape']
+    batch, = jax_export.symbolic_shape('batch')
+    forward = jax.jit(integer_inference.make_forward(arrays, meta))
+    exported = jax_export.export(forward, platforms=PLATFORMS)(
+        jax.ShapeDtypeStruct((batch, height, width, channels), np.uint8))
+    return exported.serialize()
+
+
+def agreement(student_apply, integer_apply, dataset: data.ArrayDataset, batch_size: int) -> dict[str, Any]:
+    """Scores both models on the test split in batches: the share of images where they predict
+    the same class, each one's top-1 (percent), and the max and mean absolute logit difference."""
+    same = correct_student = correct_integer = 0
+    max_diff, sum_diff, count = 0.0, 0.0, 0
+    for start in range(0, len(dataset.x_test), batch_size):
+        x, y = dataset.x_test[start:start + batch_size], dataset.y_test[start:start + batch_size]
+        fake, integer = np.asarray(student_apply(x)), np.asarray(integer_apply(x))
+        same += int(np.sum(fake.argmax(1) == integer.argmax(1)))
+        correct_student += int(np.sum(fake.argmax(1) == y))
+        correct_integer += int(np.sum(integer.argmax(1) == y))
+        diff = np.abs(fake.astype(np.float64) - integer)
+        max_diff, sum_diff, count = max(max_diff, float(diff.max())), sum_diff + float(diff.sum()), count + diff.size
+    n = len(dataset.x_test)
+    return {'images': n, 'dataset': dataset.info.name, 'prediction_agreement': same / n,
+            'student_top1': 100.0 * correct_student / n, 'integer_top1': 100.0 * correct_integer / n,
+            'max_abs_logit_diff': max_diff, 'mean_abs_logit_diff': sum_diff / max(count, 1)}
+
+
+def _prepare_out(out: str) -> str:
+    """Checks that OUT can be (re)written; returns the partial directory to write into."""
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not os.path.isfile(os.path.join(out, REPORT_FILE)):
+        raise ValueError(f'--out {out!r} exists and is not an earlier export: choose a new directory.')
+    parent = os.path.dirname(out)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise PermissionError(f'--out {out!r}: cannot write in {parent!r} (missing or not writable).')
+    partial = out + checkpoint.PARTIAL_SUFFIX
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    return partial
+
+
+def export(checkpoint_dir: str, out: str, data_config=None, eval_batch_size: int = 200,
+           measure: bool = True) -> dict[str, Any]:
+    """Exports the student in `checkpoint_dir` to `out` (see the module docstring); returns the
+    export.json content. `data_config` (name, npz_path, tfds_dir) defaults to the student's own
+    dataset; `measure=False` skips the agreement (for a student whose data is not at hand)."""
+    import jax
+    kind, model, variables, meta = checkpoint.load_model(checkpoint_dir, field='--checkpoint')
+    integer_inference.check_student({**meta, 'kind': kind}, f'--checkpoint {checkpoint_dir!r}')
+    dataset = None
+    if measure:
+        config = {'name': meta['data']['name'], 'npz_path': None, 'tfds_dir': None, **(data_config or {})}
+        dataset = data.load_dataset(_Namespace(config), process_index=0, process_count=1)
+        checkpoint.check_compatible(data.DatasetInfo.from_dict(meta['data']), dataset.info, '--checkpoint')
+    partial = _prepare_out(out)
+    try:
+        meta = {**meta, 'kind': kind}
+        arrays = integer_inference.integer_form(model, variables)
+        np.savez(os.path.join(partial, WEIGHTS_FILE), **pack(arrays, meta))
+        # model.jax is built from weights.npz as written, so the round trip is part of every export.
+        written, _ = load_weights(os.path.join(partial, WEIGHTS_FILE))
+        with open(os.path.join(partial, MODEL_FILE), 'wb') as f:
+            f.write(serialize_forward(written, meta))
+        report = {'checkpoint': os.path.abspath(checkpoint_dir), 'arch': meta['arch'], 'depth': meta['depth'],
+                  'num_classes': meta['num_classes'], 'w_bits': meta['quant']['w_bits'],
+                  'a_bits': meta['quant']['a_bits'], 'platforms': list(PLATFORMS), **sizes(arrays, variables, partial)}
+        if measure:
+            from jax import export as jax_export
+            with open(os.path.join(partial, MODEL_FILE), 'rb') as f:
+                shipped = jax_export.deserialize(f.read())
+            fake = jax.jit(lambda x: model.apply(variables, data.normalize(x, dataset.info)))
+            report['agreement'] = agreement(fake, shipped.call, dataset, eval_batch_size)
+        with open(os.path.join(partial, REPORT_FILE), 'w') as f:
+            json.dump(report, f, indent=2)
+        checkpoint.publish(partial, os.path.abspath(out))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return report
+
+
+class _Namespace:
+    """Attribute access to a dict, as data.load_dataset reads its config."""
+
+    def __init__(self, values: dict[str, Any]):
+        self.__dict__.update(values)
+
+
+def sizes(arrays: dict[str, np.ndarray], variables, directory: str) -> dict[str, int]:
+    """Byte sizes: the quantized kernels as float32 and packed, the whole float32 model
+    (parameters and BatchNorm statistics), and the files written."""
+    import jax
+    kernels = [name[:-len('/q')] for name in arrays if name.endswith('/q')]
+    with np.load(os.path.join(directory, WEIGHTS_FILE), allow_pickle=False) as stored:
+        packed = sum(stored[f'{layer}/packed'].nbytes for layer in kernels)
+    float32_model = sum(4 * np.size(leaf) for leaf in jax.tree.leaves([variables['params'], variables['batch_stats']]))
+    return {'float32_kernel_bytes': sum(4 * arrays[f'{layer}/q'].size for layer in kernels),
+            'packed_kernel_bytes': int(packed), 'float32_model_bytes': int(float32_model),
+            'weights_npz_bytes': os.path.getsize(os.path.join(directory, WEIGHTS_FILE)),
+            'model_jax_bytes': os.path.getsize(os.path.join(directory, MODEL_FILE))}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """The command line; returns the exit status (errors are one line on stderr, no traceback)."""
+    parser = argparse.ArgumentParser(
+        prog='python -m bag_jax.export',
+        description='Export a quantized student: packed integer weights, a jax.export integer-inference '
+                    'module, and its agreement with the fake-quantized student.')
+    parser.add_argument('--checkpoint', required=True, metavar='DIR', help='a student checkpoint (W/student)')
+    parser.add_argument('--out', required=True, metavar='OUT', help='the export directory to write')
+    parser.add_argument('--npz_path', default=None, help="score on this npz file's test split")
+    parser.add_argument('--tfds_dir', default=None, help='a prepared tensorflow-datasets directory (CIFAR)')
+    parser.add_argument('--eval_batch_size', type=int, default=200)
+    parser.add_argument('--no_agreement', action='store_true', help='skip the agreement measurement')
+    args = parser.parse_args(argv)
+    config = {k: v for k, v in (('npz_path', args.npz_path), ('tfds_dir', args.tfds_dir)) if v}
+    if args.npz_path:
+        config['name'] = 'npz'
+    try:
+        report = export(args.checkpoint, args.out, config, args.eval_batch_size, measure=not args.no_agreement)
+    except (OSError, ValueError, checkpoint.CheckpointError, data.DatasetUnavailableError) as e:
+        print(f'{parser.prog}: error: {e}', file=sys.stderr)
+        return 1
+    out = os.path.abspath(args.out)
+    print(f'wrote {out}: {WEIGHTS_FILE} ({report["weights_npz_bytes"]} bytes; kernels {report["packed_kernel_bytes"]} '
+          f'bytes packed against {report["float32_kernel_bytes"]} as float32), {MODEL_FILE}, {REPORT_FILE}')
+    if 'agreement' in report:
+        a = report['agreement']
+        print(f'integer model against the fake-quantized student on {a["images"]} {a["dataset"]} test images: '
+              f'same prediction on {100 * a["prediction_agreement"]:.2f} %, top-1 {a["integer_top1"]:.2f} % against '
+              f'{a["student_top1"]:.2f} %, logits differ by at most {a["max_abs_logit_diff"]:.3g} '
+              f'(mean {a["mean_abs_logit_diff"]:.3g})')
+        if a['prediction_agreement'] < AGREEMENT_BAR:
+            print(f'warning: the agreement is below {100 * AGREEMENT_BAR} %', file=sys.stderr)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

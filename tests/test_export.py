@@ -1,0 +1,142 @@
+"""Deployable students: bit packing, integer inference against the fake-quantized student, the
+exported module run without bag-jax, and the export command's checks."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bag_jax import checkpoint, data, export, integer_inference
+from bag_jax.models import ResNetCifar
+from tests.conftest import tiny_config
+
+
+@pytest.mark.parametrize('bits', [2, 3, 4, 5, 6, 7, 8])
+def test_pack_unpack_round_trip(bits):
+    rng = np.random.default_rng(bits)
+    for count in (1, 7, 8, 9, 1000):
+        values = rng.integers(0, 2**bits, count)
+        values[:2] = [0, 2**bits - 1][:count]
+        packed = export.pack_bits(values, bits)
+        assert packed.dtype == np.uint8 and packed.size == -(-count * bits // 8)
+        np.testing.assert_array_equal(export.unpack_bits(packed, bits, count), values)
+    assert export.pack_bits(np.arange(8) % 8, 3).size == 3          # eight 3-bit values in three bytes
+    with pytest.raises(ValueError, match=f'does not fit in {bits} bits'):
+        export.pack_bits(np.array([2**bits]), bits)
+
+
+def ptq_student(teacher_dir, w_bits, a_bits):
+    """The digits teacher quantized after training: weights at w_bits, activation ranges
+    calibrated on 250 training digits. Returns (model, variables, meta, dataset)."""
+    _, variables, meta = checkpoint.load_teacher(teacher_dir)
+    dataset = data.load_dataset(tiny_config().data)
+    model = ResNetCifar(num_classes=10, depth=meta['depth'], w_bits=w_bits, a_bits=a_bits)
+    stats = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))['quant_stats']
+    images = data.normalize(dataset.x_train[:250], dataset.info)
+    for start in range(0, 250, 50):
+        _, updated = model.apply({**variables, 'quant_stats': stats}, images[start:start + 50], calibrate=True,
+                                 mutable=['quant_stats'])
+        stats = updated['quant_stats']
+    meta = {**meta, 'kind': 'student', 'quant': {'w_bits': w_bits, 'a_bits': a_bits, 'range_rule': 'reference',
+                                                 'ste': 'identity'}}
+    return model, {**variables, 'quant_stats': stats}, meta, dataset
+
+
+@pytest.mark.parametrize('w_bits,a_bits', [(8, 8), (6, 8)])
+def test_integer_inference_reproduces_the_fake_quantized_student(digits_teacher, w_bits, a_bits):
+    model, variables, meta, dataset = ptq_student(digits_teacher, w_bits, a_bits)
+    arrays = integer_inference.integer_form(model, variables)
+    assert all(arrays[name].dtype == np.int8 for name in arrays if name.endswith('/q'))
+    assert max(int(np.abs(arrays[n]).max()) for n in arrays if n.endswith('/q')) <= 2**(w_bits - 1)
+    fake = np.asarray(model.apply(variables, data.normalize(dataset.x_test, dataset.info)))
+    integer = np.asarray(jax.jit(integer_inference.make_forward(arrays, meta))(dataset.x_test))
+    assert len(np.unique(fake.argmax(1))) == 10, 'a collapsed student would agree trivially'
+    assert np.mean(fake.argmax(1) == integer.argmax(1)) >= export.AGREEMENT_BAR
+    # Float rounding, not an approximation: almost every logit equal to float32 precision.
+    diff = np.abs(fake - integer)
+    assert np.mean(diff <= 1e-4 * (1 + np.abs(fake))) >= 0.99 and diff.mean() < 1e-2
+
+
+def test_export_writes_packed_weights_and_a_module_that_runs_without_bag_jax(digits_teacher, tmp_path):
+    model, variables, meta, dataset = ptq_student(digits_teacher, 3, 8)
+    student_dir = str(tmp_path / 'student')
+    checkpoint.save_model(student_dir, variables, {k: v for k, v in meta.items() if k != 'kind'}, 'student')
+    out = tmp_path / 'export'
+    assert export.main(['--checkpoint', student_dir, '--out', str(out)]) == 0
+    assert sorted(os.listdir(out)) == ['export.json', 'model.jax', 'weights.npz']
+    report = json.loads((out / 'export.json').read_text())
+    assert (report['w_bits'], report['a_bits'], report['arch']) == (3, 8, 'resnet_cifar')
+    # 3-bit kernels: 3/32 of their float32 bytes.
+    assert report['packed_kernel_bytes'] == sum(-(-a.size * 3 // 8) for n, a in integer_inference.integer_form(
+        model, variables).items() if n.endswith('/q'))
+    assert report['packed_kernel_bytes'] < report['float32_kernel_bytes'] * 3 / 32 + 64
+    agreement = report['agreement']
+    assert agreement['images'] == 450 and agreement['prediction_agreement'] >= export.AGREEMENT_BAR
+    assert abs(agreement['integer_top1'] - agreement['student_top1']) <= 0.3
+
+    # The weights: plain arrays, the integer form exactly.
+    arrays, written_meta = export.load_weights(str(out / 'weights.npz'))
+    expected = integer_inference.integer_form(model, variables)
+    assert arrays.keys() == expected.keys() and written_meta['quant']['w_bits'] == 3
+    for name in expected:
+        np.testing.assert_array_equal(arrays[name], expected[name], err_msg=name)
+
+    # model.jax in a fresh Python that has jax and numpy but cannot import bag_jax.
+    images = dataset.x_test[:5]
+    np.save(tmp_path / 'images.npy', images)
+    program = ('import sys, numpy as np; from jax import export; '
+               f'model = export.deserialize(open({str(out / "model.jax")!r}, "rb").read()); '
+               f'logits = model.call(np.load({str(tmp_path / "images.npy")!r})); '
+               f'np.save({str(tmp_path / "logits.npy")!r}, np.asarray(logits)); '
+               'assert not any(m.startswith("bag_jax") for m in sys.modules); '
+               'print(model.platforms, model.in_avals)')
+    result = subprocess.run([sys.executable, '-c', program], cwd=tmp_path, capture_output=True, text=True,
+                            env={'PATH': os.environ.get('PATH', ''), 'JAX_PLATFORMS': 'cpu'}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "('cpu', 'cuda', 'tpu')" in result.stdout and 'uint8[batch,8,8,1]' in result.stdout
+    forward = jax.jit(integer_inference.make_forward(arrays, written_meta))
+    np.testing.assert_allclose(np.load(tmp_path / 'logits.npy'), forward(images), rtol=1e-5, atol=1e-5)
+
+
+def test_export_refuses_bad_input_and_leaves_nothing_half_written(digits_teacher, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / 'out')
+    with pytest.raises(ValueError, match=r"is a full-precision teacher: integer inference needs a student"):
+        export.export(digits_teacher, out)
+    model, variables, meta, _ = ptq_student(digits_teacher, 8, 8)
+    wide = str(tmp_path / 'w10')
+    checkpoint.save_model(wide, variables, {**{k: v for k, v in meta.items() if k != 'kind'},
+                                            'quant': {**meta['quant'], 'w_bits': 10}}, 'student')
+    with pytest.raises(ValueError, match=r'is a W10A8 student: .* at most 8'):
+        export.export(wide, out)
+    with pytest.raises(FileNotFoundError, match='is not a teacher or student checkpoint'):
+        export.export(str(tmp_path / 'missing'), out)
+    good = str(tmp_path / 'student')
+    checkpoint.save_model(good, variables, {k: v for k, v in meta.items() if k != 'kind'}, 'student')
+    with open(os.path.join(good, checkpoint.STUDENT_META)) as f:
+        text = f.read()
+    broken = str(tmp_path / 'broken')
+    os.makedirs(broken)
+    os.symlink(os.path.join(good, checkpoint.VARIABLES), os.path.join(broken, checkpoint.VARIABLES))
+    with open(os.path.join(broken, checkpoint.STUDENT_META), 'w') as f:
+        f.write(text[:len(text) // 2])
+    with pytest.raises(checkpoint.CheckpointError, match=r'student.json is damaged'):
+        export.export(broken, out)
+    (tmp_path / 'a_file').write_text('not a directory')
+    with pytest.raises(PermissionError, match='missing or not writable'):
+        export.export(good, str(tmp_path / 'a_file' / 'out'))
+    os.makedirs(tmp_path / 'users_data')
+    with pytest.raises(ValueError, match='exists and is not an earlier export'):
+        export.export(good, str(tmp_path / 'users_data'))
+    # A failure while writing leaves neither OUT nor its partial directory.
+    monkeypatch.setattr(export, 'serialize_forward', lambda *a: (_ for _ in ()).throw(RuntimeError('disk full')))
+    with pytest.raises(RuntimeError, match='disk full'):
+        export.export(good, out)
+    assert not os.path.exists(out) and not os.path.exists(out + checkpoint.PARTIAL_SUFFIX)
+    # The command line: one line, exit status 1.
+    assert export.main(['--checkpoint', digits_teacher, '--out', out]) == 1
+    assert capsys.readouterr().err.count('\n') == 1
