@@ -272,9 +272,9 @@ class TrainingCheckpoints:
                 if not isinstance(restored['meta'], dict):
                     raise ValueError(f'its meta item is {type(restored["meta"]).__name__}, not a dict')
             except Exception as e:   # orbax and tensorstore raise many kinds; all mean the same here
-                path = os.path.join(self.directory, str(epoch))
-                logging.warning('The checkpoint after epoch %d in %s cannot be restored (%s).', epoch, path, _reason(e))
-                damaged.append((epoch, path, _reason(e)))
+                path, reason = os.path.join(self.directory, str(epoch)), _reason(e)
+                logging.warning('The checkpoint after epoch %d in %s cannot be restored (%s).', epoch, path, reason)
+                damaged.append((epoch, path, reason))
                 continue
             if damaged:
                 self._set_aside(damaged)

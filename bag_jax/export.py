@@ -34,6 +34,7 @@ import shutil
 import sys
 from typing import Any, Optional
 
+import ml_collections
 import numpy as np
 
 from bag_jax import checkpoint, data, integer_inference
@@ -159,20 +160,22 @@ def export(checkpoint_dir: str, out: str, data_config=None, eval_batch_size: int
     dataset = None
     if measure:
         config = {'name': meta['data']['name'], 'npz_path': None, 'tfds_dir': None, **(data_config or {})}
-        dataset = data.load_dataset(_Namespace(config), process_index=0, process_count=1)
+        dataset = data.load_dataset(ml_collections.ConfigDict(config), process_index=0, process_count=1)
         checkpoint.check_compatible(data.DatasetInfo.from_dict(meta['data']), dataset.info, '--checkpoint')
     partial = _prepare_out(out)
     try:
         meta = {**meta, 'kind': kind}
         arrays = integer_inference.integer_form(model, variables)
-        np.savez(os.path.join(partial, WEIGHTS_FILE), **pack(arrays, meta))
+        packed = pack(arrays, meta)
+        np.savez(os.path.join(partial, WEIGHTS_FILE), **packed)
         # model.jax is built from weights.npz as written, so the round trip is part of every export.
         written, _ = load_weights(os.path.join(partial, WEIGHTS_FILE))
         with open(os.path.join(partial, MODEL_FILE), 'wb') as f:
             f.write(serialize_forward(written, meta))
         report = {'checkpoint': os.path.abspath(checkpoint_dir), 'arch': meta['arch'], 'depth': meta['depth'],
                   'num_classes': meta['num_classes'], 'w_bits': meta['quant']['w_bits'],
-                  'a_bits': meta['quant']['a_bits'], 'platforms': list(PLATFORMS), **sizes(arrays, variables, partial)}
+                  'a_bits': meta['quant']['a_bits'], 'platforms': list(PLATFORMS),
+                  **sizes(arrays, packed, variables, partial)}
         if measure:
             from jax import export as jax_export
             with open(os.path.join(partial, MODEL_FILE), 'rb') as f:
@@ -188,23 +191,17 @@ def export(checkpoint_dir: str, out: str, data_config=None, eval_batch_size: int
     return report
 
 
-class _Namespace:
-    """Attribute access to a dict, as data.load_dataset reads its config."""
-
-    def __init__(self, values: dict[str, Any]):
-        self.__dict__.update(values)
-
-
-def sizes(arrays: dict[str, np.ndarray], variables, directory: str) -> dict[str, int]:
-    """Byte sizes: the quantized kernels as float32 and packed, the whole float32 model
-    (parameters and BatchNorm statistics), and the files written."""
+def sizes(arrays: dict[str, np.ndarray], packed: dict[str, np.ndarray], variables,
+          directory: str) -> dict[str, int]:
+    """Byte sizes: the quantized kernels of the integer form `arrays` as float32 and as `packed`
+    (`pack`), the whole float32 model (parameters and BatchNorm statistics), and the files written
+    in `directory`."""
     import jax
     kernels = [name[:-len('/q')] for name in arrays if name.endswith('/q')]
-    with np.load(os.path.join(directory, WEIGHTS_FILE), allow_pickle=False) as stored:
-        packed = sum(stored[f'{layer}/packed'].nbytes for layer in kernels)
     float32_model = sum(4 * np.size(leaf) for leaf in jax.tree.leaves([variables['params'], variables['batch_stats']]))
     return {'float32_kernel_bytes': sum(4 * arrays[f'{layer}/q'].size for layer in kernels),
-            'packed_kernel_bytes': int(packed), 'float32_model_bytes': int(float32_model),
+            'packed_kernel_bytes': sum(packed[f'{layer}/packed'].nbytes for layer in kernels),
+            'float32_model_bytes': int(float32_model),
             'weights_npz_bytes': os.path.getsize(os.path.join(directory, WEIGHTS_FILE)),
             'model_jax_bytes': os.path.getsize(os.path.join(directory, MODEL_FILE))}
 

@@ -154,13 +154,12 @@ def make_forward(arrays: dict[str, Any], meta: dict[str, Any]) -> Callable[[jax.
     """forward(images uint8 (B, H, W, C)) -> float32 logits (B, classes): the integer inference
     of the student that `integer_form` gave `arrays` for; `meta` is its checkpoint metadata
     (depth, bit-widths, input normalization). Pure jnp: jit it, or export it."""
-    w_bits, a_bits = check_student(meta, 'the student')
+    _, a_bits = check_student(meta, 'the student')      # the weights' grid is already in their q
     depth = int(meta['depth'])
     n = units_per_stage(depth)
     mean = jnp.asarray(meta['data']['mean'], jnp.float32)
     std = jnp.asarray(meta['data']['std'], jnp.float32)
     arrays = {k: jnp.asarray(v) for k, v in arrays.items()}
-    del w_bits    # the weights' grid is already in their q
 
     def forward(images: jax.Array) -> jax.Array:
         x = (images.astype(jnp.float32) / 255.0 - mean) / std          # data.normalize

@@ -46,11 +46,12 @@ def main() -> None:
         arrays = integer_inference.integer_form(model, variables)
         with tempfile.TemporaryDirectory() as directory:
             path = os.path.join(directory, export.WEIGHTS_FILE)
-            np.savez(path, **export.pack(arrays, meta))
+            packed = export.pack(arrays, meta)
+            np.savez(path, **packed)
             npz_bytes = os.path.getsize(path)
-        kernels = [name for name in arrays if name.endswith('/q')]
-        float32_bytes = sum(4 * arrays[name].size for name in kernels)
-        packed_bytes = sum(-(-arrays[name].size * bits // 8) for name in kernels)
+        kernels = [name[:-len('/q')] for name in arrays if name.endswith('/q')]
+        float32_bytes = sum(4 * arrays[f'{layer}/q'].size for layer in kernels)
+        packed_bytes = sum(packed[f'{layer}/packed'].nbytes for layer in kernels)
         fake = jax.jit(lambda x: model.apply(variables, data.normalize(x, info)))
         integer = jax.jit(integer_inference.make_forward(arrays, meta))
         row = {'bits': bits, 'float32_kernel_bytes': float32_bytes, 'packed_kernel_bytes': packed_bytes,
