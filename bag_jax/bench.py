@@ -25,11 +25,22 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from bag_jax import data, dfq, losses, parallel, validation
-from bag_jax.models import ResNetCifar, bn_input_pairs
+from bag_jax import models
+from bag_jax.models import bn_input_pairs
 
-def random_teacher(info: data.DatasetInfo, depth: int, seed: int = 0):
-    """A ResNetCifar with random weights and plausible, non-trivial BN statistics."""
-    model = ResNetCifar(num_classes=info.num_classes, depth=depth)
+def teacher_architecture(config, info: data.DatasetInfo) -> dict:
+    """The architecture the config's teacher has, known without its weights: the zoo network of
+    `teacher.checkpoint=pytorchcv:NAME`, else a CIFAR ResNet of `teacher.depth`."""
+    name = (config.teacher.checkpoint or '').removeprefix('pytorchcv:')
+    if name in models.PYTORCHCV_NETWORKS:
+        return {**models.PYTORCHCV_NETWORKS[name], 'num_classes': info.num_classes}
+    return {'arch': 'resnet_cifar', 'depth': config.teacher.depth, 'num_classes': info.num_classes}
+
+
+def random_teacher(info: data.DatasetInfo, architecture: dict, seed: int = 0):
+    """A network of `architecture` (models.describe's form) with random weights and plausible,
+    non-trivial BN statistics."""
+    model = models.build(architecture)
     variables = jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1,) + info.image_shape))
     keys = iter(jax.random.split(jax.random.PRNGKey(seed + 1), 1000))
     stats = jax.tree_util.tree_map_with_path(
@@ -43,6 +54,8 @@ def bench_info(config) -> data.DatasetInfo:
     """The dataset description the config implies, without loading the data."""
     if config.data.name in ('cifar100', 'cifar10'):
         return data.cifar_info(config.data.name)
+    if config.data.name in data.STREAMING_SOURCES:
+        return data.imagenet_info(config.data.name, config.data.get('image_size', data.IMAGENET_IMAGE_SIZE))
     return data.load_dataset(config.data).info
 
 
@@ -112,7 +125,7 @@ def run_bench(config, steps: int, repeats: int, parts: bool = False) -> dict:
     validation.validate_quantize(config)
     validation.check_divisible(config.batch_size, jax.device_count(), 'batch_size')
     info = bench_info(config)
-    teacher_model, teacher_host = random_teacher(info, config.teacher.depth, config.seed)
+    teacher_model, teacher_host = random_teacher(info, teacher_architecture(config, info), config.seed)
     setup = dfq.build_setup(config, teacher_model, info)
     mesh = parallel.make_mesh()
     K = config.num_seeds

@@ -1,7 +1,7 @@
 """Model checkpoints: a directory with the network's variables (orbax) and a JSON description.
 
 The JSON records everything needed to use the network without being told again: the
-architecture (depth), the class count, the input image shape and the input normalization
+architecture (`arch` and its fields, e.g. `depth`; `models.describe`), the class count, the input image shape and the input normalization
 (dataset name, per-channel mean/std), where the weights came from, and for a quantized student
 its bit-widths.
 
@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from bag_jax.models import ResNetCifar
+from bag_jax import models
 
 TEACHER_META = 'teacher.json'
 STUDENT_META = 'student.json'
@@ -43,7 +43,7 @@ VARIABLES = 'variables'
 PARTIAL_SUFFIX = '.partial'      # a model checkpoint being written
 DAMAGED_SUFFIX = '.damaged'      # a training step that could not be restored, set aside
 _META_FILES = {'teacher': TEACHER_META, 'student': STUDENT_META}
-META_KEYS = ('arch', 'depth', 'num_classes', 'data')
+META_KEYS = ('arch', 'num_classes', 'data')
 DATA_KEYS = ('name', 'num_classes', 'image_shape', 'mean', 'std')
 
 
@@ -51,17 +51,17 @@ class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be read (damaged, truncated, or written by something else)."""
 
 
-def model_meta(info, depth: int, source: str, **extra) -> dict[str, Any]:
-    """The JSON description of a ResNetCifar of `depth` for data described by `info` (a
-    data.DatasetInfo); `extra` adds fields (accuracies, a student's 'quant')."""
-    return {'arch': 'resnet_cifar', 'depth': depth, 'num_classes': info.num_classes, 'data': info.to_dict(),
+def model_meta(info, model, source: str, **extra) -> dict[str, Any]:
+    """The JSON description of the network `model` (its architecture, `models.describe`) for data
+    described by `info` (a data.DatasetInfo); `extra` adds fields (accuracies, a student's 'quant')."""
+    return {**models.describe(model), 'num_classes': info.num_classes, 'data': info.to_dict(),
             'source': source, **extra}
 
 
 def save_teacher(directory: str, variables: dict, meta: dict[str, Any]) -> None:
     """Writes a teacher checkpoint to `directory` (created; must not hold one already).
 
-    `variables` is {'params', 'batch_stats'} of a full-precision `ResNetCifar`; `meta` needs
+    `variables` is {'params', 'batch_stats'} of a full-precision network; `meta` needs
     META_KEYS, with `meta['data']` holding DATA_KEYS. Called by every process together.
     """
     save_model(directory, variables, meta, 'teacher')
@@ -127,7 +127,7 @@ def is_model_checkpoint(directory: str | None, kind: str) -> bool:
         os.path.join(directory, VARIABLES))
 
 
-def load_teacher(directory: str, field: str = 'teacher.checkpoint') -> tuple[ResNetCifar, dict, dict[str, Any]]:
+def load_teacher(directory: str, field: str = 'teacher.checkpoint') -> tuple[Any, dict, dict[str, Any]]:
     """Reads a teacher checkpoint. Returns (model, variables, meta), variables as numpy arrays.
 
     A missing or incomplete directory raises FileNotFoundError saying how to make one.
@@ -139,7 +139,7 @@ def load_teacher(directory: str, field: str = 'teacher.checkpoint') -> tuple[Res
 def load_model(directory: str, field: str = 'checkpoint', kinds: tuple[str, ...] = ('teacher', 'student')):
     """Reads a teacher or student checkpoint. Returns (kind, model, variables, meta).
 
-    The model is the `ResNetCifar` the metadata describes (quantized for a student); variables
+    The model is the network the metadata describes (`models.build`) (quantized for a student); variables
     are numpy arrays. A missing or incomplete directory raises FileNotFoundError; one that is
     there but cannot be read raises CheckpointError naming it.
     """
@@ -158,9 +158,8 @@ def load_model(directory: str, field: str = 'checkpoint', kinds: tuple[str, ...]
         with open(meta_path) as f:
             meta = json.load(f)
         q = meta.get('quant', {}) if kind == 'student' else {}
-        model = ResNetCifar(num_classes=int(meta['num_classes']), depth=int(meta['depth']),
-                            w_bits=q.get('w_bits'), a_bits=q.get('a_bits'),
-                            range_rule=q.get('range_rule', 'reference'), ste=q.get('ste', 'identity'))
+        model = models.build(meta, w_bits=q.get('w_bits'), a_bits=q.get('a_bits'),
+                             range_rule=q.get('range_rule', 'reference'), ste=q.get('ste', 'identity'))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f'{field}={directory!r}: {meta_path} is damaged ({_reason(e)}); '
                               f'write the checkpoint again or use another one.') from None
@@ -216,12 +215,17 @@ def _reason(error: BaseException) -> str:
 
 def check_compatible(model_info, data_info, field: str) -> None:
     """Raises ValueError if a network made for `model_info` cannot take `data_info`'s images
-    (a DatasetInfo each): different class counts or image shapes."""
-    if model_info.num_classes != data_info.num_classes or tuple(model_info.image_shape) != tuple(data_info.image_shape):
+    (a DatasetInfo each): different class counts or channel counts, or different image sizes
+    unless the data are ImageNet-style ('imagenet2012', 'imagefolder'), whose crop size the user
+    picks (data.image_size) for networks that pool globally."""
+    model_shape, data_shape = tuple(model_info.image_shape), tuple(data_info.image_shape)
+    free_size = data_info.name in ('imagenet2012', 'imagefolder')    # data.STREAMING_SOURCES
+    if (model_info.num_classes != data_info.num_classes or model_shape[-1] != data_shape[-1]
+            or (not free_size and model_shape != data_shape)):
         raise ValueError(
             f'{field} was made for {model_info.name!r} ({model_info.num_classes} classes, images '
-            f'{tuple(model_info.image_shape)}), but data.name={data_info.name!r} has {data_info.num_classes} classes '
-            f'and images {tuple(data_info.image_shape)}: use a checkpoint made for this data, or change data.name.')
+            f'{model_shape}), but data.name={data_info.name!r} has {data_info.num_classes} classes '
+            f'and images {data_shape}: use a checkpoint made for this data, or change data.name.')
 
 
 class TrainingCheckpoints:

@@ -1,9 +1,13 @@
-"""pytorchcv CIFAR ResNet weights -> a bag-jax teacher checkpoint, without PyTorch.
+"""pytorchcv weights -> a bag-jax teacher checkpoint, without PyTorch.
 
     python -m bag_jax.convert --pytorchcv resnet20_cifar100-2964-a5322afe.pth.zip --out teachers/r20_c100
+    python -m bag_jax.convert --pytorchcv resnet18-0982-0126861b.pth.zip --out teachers/resnet18
 
-The teacher of GDFQ/AdaDFQ/BAG is pytorchcv's `resnet20_cifar100` with the osmr/imgclsmob zoo
-weights (spec 1.1). Those files are PyTorch state dicts: the zoo's 2019 files in the legacy
+The teachers of GDFQ/AdaDFQ/BAG are pytorchcv's `resnet20_cifar100` (spec 1.1) and, on ImageNet,
+`resnet18`, `resnet50` and `mobilenetv2_w1` (spec imagenet.md 1), with the osmr/imgclsmob zoo
+weights. The architecture and its widths are read from the state dict's keys and shapes
+(`infer_model`); ImageNet networks get the imagenet2012 data description, CIFAR ones the
+dataset in the file name or --dataset. Those files are PyTorch state dicts: the zoo's 2019 files in the legacy
 (pre-1.6, non-zip) serialization, newer ones in the zip serialization, and the zoo serves
 either wrapped in a `.pth.zip` archive. `read_pth` reads all three with `pickle` alone, so the
 project never depends on PyTorch. Its unpickler resolves only the handful of names a state dict
@@ -43,9 +47,8 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
-from bag_jax import checkpoint, data
-from bag_jax.models import ResNetCifar
-from bag_jax.models.resnet_cifar import STAGE_CHANNELS
+from bag_jax import checkpoint, data, models
+from bag_jax.models import MobileNetV2, ResNet, ResNetCifar
 
 PTH_EXPECTED = ('a PyTorch state dict saved with torch.save (legacy or zip serialization), '
                 'or the model zoo\'s .pth.zip holding one .pth')
@@ -53,6 +56,7 @@ PTH_EXPECTED = ('a PyTorch state dict saved with torch.save (legacy or zip seria
 # The zoo's CIFAR models: class count, input size and normalization (spec 1.3).
 _DATASETS = ('cifar100', 'cifar10')
 IMAGE_SHAPE = (32, 32, 3)
+IMAGENET = 'imagenet2012'   # the ImageNet models' data (spec imagenet.md 6; `data.imagenet_info`)
 
 _LEGACY_MAGIC = 0x1950a86a20f9469cfc6c   # torch.serialization.MAGIC_NUMBER
 _LEGACY_PROTOCOL = 1001                 # torch.serialization.PROTOCOL_VERSION
@@ -333,79 +337,157 @@ def read_pth(path: str) -> dict[str, np.ndarray]:
 
 # ------------------------------------------------------------------------------------------
 # pytorchcv state dict -> Flax variables
+#
+# The Flax modules are named after pytorchcv's state-dict keys, so the key of every Flax variable
+# follows from its path (`_torch_key`): drop `features.` and ResUnit's `body.`, join with '_'
+# inside `stageS_unitJ`, and rename the leaves. Only the architecture fields (depth, widths) have
+# to be read from the file (`infer_model`); the variable tree then comes from the module itself.
+
+_UNIT = re.compile(r'stage(\d+)_unit(\d+)')
+_UNIT_KEY = re.compile(r'features\.stage(\d+)\.unit(\d+)\.')
+_LEAVES = {'params': {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias'},
+           'batch_stats': {'mean': 'running_mean', 'var': 'running_var'}}
+# A kernel's layout by rank: conv OIHW -> HWIO, linear (out, in) -> (in, out).
+_TRANSPOSE = {4: (2, 3, 1, 0), 2: (1, 0)}
+# The width of the last unit of the full-width zoo models, to name reduced-width files (`pytorchcv_name`).
+_FULL_LAST_WIDTH = {(ResNet, False): 512, (ResNet, True): 2048, (MobileNetV2, False): 320}
 
 
-def _torch_key(collection: str, path: tuple[str, ...]) -> tuple[str, str]:
-    """(pytorchcv state-dict key, layout) of one ResNetCifar variable; layout says how to transpose."""
-    module, leaf = path[:-1], path[-1]
-    if module == ('output',):
-        return ('output.weight', 'dense') if leaf == 'kernel' else ('output.bias', 'same')
-    head, *rest = module
-    if head == 'init_block':
-        prefix = 'features.init_block'
-    else:  # 'stageK_unitJ', then 'conv1'/'conv2' (in the body) or 'identity_conv'
-        stage, unit = head.split('_')
-        block = rest.pop(0)
-        prefix = f'features.{stage}.{unit}.' + (block if block == 'identity_conv' else f'body.{block}')
-    layer = '.'.join([prefix] + rest)
-    if collection == 'batch_stats':
-        return f'{layer}.running_{leaf}', 'same'
-    return f'{layer}.' + {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias'}[leaf], (
-        'conv' if leaf == 'kernel' else 'same')
+def _torch_key(model, collection: str, path: tuple[str, ...]) -> str:
+    """The pytorchcv state-dict key of the Flax variable `collection`/`path` of `model`."""
+    head, *inner, leaf = path
+    if head == 'output':
+        prefix = ['output']
+    elif match := _UNIT.fullmatch(head):
+        prefix = ['features', f'stage{match[1]}', f'unit{match[2]}']
+        if not isinstance(model, MobileNetV2) and inner[0] != 'identity_conv':
+            prefix.append('body')   # pytorchcv's ResUnit keeps its branch in `body`
+    else:
+        prefix = ['features', head]
+    return '.'.join(prefix + inner + [_LEAVES[collection][leaf]])
 
 
-_TRANSPOSE = {'conv': (2, 3, 1, 0),  # OIHW -> HWIO
-              'dense': (1, 0),       # (out, in) -> (in, out)
-              'same': None}
-
-
-def _infer_architecture(state_dict: dict[str, np.ndarray]) -> tuple[int, int]:
-    """(depth, num_classes) of a pytorchcv CIFARResNet state dict."""
-    weight = state_dict.get('output.weight')
-    if weight is None or 'features.init_block.conv.weight' not in state_dict:
-        raise ValueError('the state dict is not a pytorchcv CIFARResNet one: it needs '
-                         "'features.init_block.conv.weight' and 'output.weight'; "
+def _rows(state_dict, key: str) -> int:
+    """The output channels (first axis) of `state_dict[key]`; ValueError naming the key if absent."""
+    if key not in state_dict or np.ndim(state_dict[key]) < 1:
+        raise ValueError(f'the state dict lacks {key!r} (or it is a scalar), so the widths cannot be inferred; '
                          f'its first keys are {list(state_dict)[:5]}.')
-    if np.ndim(weight) != 2:
-        raise ValueError(f"'output.weight' has shape {np.shape(weight)}, expected (num_classes, 64).")
-    units = {int(m.group(1)) for k in state_dict if (m := re.match(r'features\.stage1\.unit(\d+)\.', k))}
+    return int(np.shape(state_dict[key])[0])
+
+
+def _unit_widths(state_dict, last_conv: str) -> tuple[tuple[int, ...], ...]:
+    """Per stage, per unit output widths: the rows of each `features.stageS.unitJ.{last_conv}`."""
+    units = {(int(m[1]), int(m[2])) for k in state_dict if (m := _UNIT_KEY.match(k))}
+    if not units:
+        raise ValueError("the state dict has no 'features.stageS.unitJ.*' entries, so no stages can be inferred.")
+    stages = max(s for s, _ in units)
+    return tuple(tuple(_rows(state_dict, f'features.stage{s}.unit{j}.{last_conv}.conv.weight')
+                       for j in range(1, max((u for t, u in units if t == s), default=0) + 1))
+                 for s in range(1, stages + 1))
+
+
+def _classes(state_dict, rank: int, layout: str) -> int:
+    weight = state_dict['output.weight']
+    if np.ndim(weight) != rank:
+        raise ValueError(f"'output.weight' has shape {np.shape(weight)}, expected {layout}.")
+    return int(weight.shape[0])
+
+
+def infer_model(state_dict: dict[str, np.ndarray]):
+    """The full-precision Flax module of a pytorchcv state dict, its fields read from the keys and shapes.
+
+    pytorchcv's ResNet (basic or bottleneck units) has `features.init_block.conv.conv.weight`,
+    MobileNetV2 `features.final_block.conv.weight`, CIFARResNet neither but
+    `features.init_block.conv.weight`. Returns a ResNet, MobileNetV2 or ResNetCifar; raises
+    ValueError for anything else.
+    """
+    if 'output.weight' not in state_dict or not any(k.startswith('features.init_block.') for k in state_dict):
+        raise ValueError("the state dict is not one of pytorchcv's CIFARResNet, ResNet or MobileNetV2: it needs "
+                         "'features.init_block.*' and 'output.weight' entries; "
+                         f'its first keys are {list(state_dict)[:5]}.')
+    if 'features.init_block.conv.conv.weight' in state_dict:
+        bottleneck = 'features.stage1.unit1.body.conv3.conv.weight' in state_dict
+        return ResNet(num_classes=_classes(state_dict, 2, '(num_classes, C)'),
+                      channels=_unit_widths(state_dict, 'body.conv3' if bottleneck else 'body.conv2'),
+                      init_channels=_rows(state_dict, 'features.init_block.conv.conv.weight'), bottleneck=bottleneck)
+    if 'features.final_block.conv.weight' in state_dict:
+        return MobileNetV2(num_classes=_classes(state_dict, 4, '(num_classes, C, 1, 1)'),
+                           channels=_unit_widths(state_dict, 'conv3'),
+                           init_channels=_rows(state_dict, 'features.init_block.conv.weight'),
+                           final_channels=_rows(state_dict, 'features.final_block.conv.weight'))
+    num_classes = _classes(state_dict, 2, '(num_classes, 64)')
+    units = {int(m[2]) for k in state_dict if (m := _UNIT_KEY.match(k)) and m[1] == '1'}
     if not units:
         raise ValueError("the state dict has no 'features.stage1.unitJ.*' entries, so no depth can be inferred.")
-    return 6 * max(units) + 2, int(weight.shape[0])
+    return ResNetCifar(num_classes=num_classes, depth=6 * max(units) + 2)
 
 
-def variables_from_state_dict(state_dict: dict[str, np.ndarray]) -> tuple[ResNetCifar, dict]:
-    """Builds the Flax teacher from a pytorchcv CIFARResNet (basic blocks) state dict.
+def pytorchcv_name(model) -> str:
+    """pytorchcv's name for `model`'s architecture: 'resnet20' (CIFAR), 'resnet18', 'resnet50_wd8',
+    'mobilenetv2_w1', 'mobilenetv2_wd4' (the width from the last unit's, as pytorchcv scales it)."""
+    if isinstance(model, ResNetCifar):
+        return f'resnet{model.depth}'
+    if isinstance(model, ResNet):
+        depth = (3 if model.bottleneck else 2) * sum(len(stage) for stage in model.channels) + 2
+        name, full = f'resnet{depth}', ''
+    else:
+        name, full = 'mobilenetv2', '_w1'
+    ratio = model.channels[-1][-1] / _FULL_LAST_WIDTH[type(model), getattr(model, 'bottleneck', False)]
+    if ratio == 1:
+        return name + full
+    return name + (f'_wd{round(1 / ratio)}' if (1 / ratio).is_integer() else f'_w{ratio:g}')
 
-    Depth comes from the number of units per stage (depth = 6n + 2), num_classes from the rows
-    of 'output.weight'. Returns (ResNetCifar(num_classes, depth), {'params', 'batch_stats'}),
-    float32 numpy arrays; conv kernels OIHW -> HWIO, the dense kernel (out, in) -> (in, out).
-    `num_batches_tracked` entries are ignored. Any missing or unexpected key or shape
-    mismatch raises one ValueError that lists them all.
+
+def summary(model) -> str:
+    """One line on `model`'s architecture: its pytorchcv name, arch, depth or units and widths, classes."""
+    if isinstance(model, ResNetCifar):
+        fields = f'depth {model.depth}'
+    else:
+        fields = (f'units {[len(stage) for stage in model.channels]}, '
+                  f'widths {model.channels[0][0]}..{model.channels[-1][-1]}')
+        if isinstance(model, ResNet):
+            fields = ('bottleneck ' if model.bottleneck else 'basic ') + fields
+        else:
+            fields += f', final {model.final_channels}'
+    return f'{pytorchcv_name(model)} ({models.registry.arch_name(model)}: {fields}, {model.num_classes} classes)'
+
+
+def _image_shape(model) -> tuple[int, int, int]:
+    return IMAGE_SHAPE if isinstance(model, ResNetCifar) else data.imagenet_info().image_shape
+
+
+def variables_from_state_dict(state_dict: dict[str, np.ndarray]) -> tuple[Any, dict]:
+    """Builds the Flax teacher from a pytorchcv CIFARResNet, ResNet or MobileNetV2 state dict.
+
+    The architecture and its widths come from the keys and shapes (`infer_model`). Returns
+    (model, {'params', 'batch_stats'}) with float32 numpy arrays; conv kernels OIHW -> HWIO
+    (MobileNetV2's 1x1 classifier included), dense kernels (out, in) -> (in, out).
+    `num_batches_tracked` entries are ignored. Any missing or unexpected key, non-float entry
+    or shape mismatch raises one ValueError that lists them all.
     """
-    depth, num_classes = _infer_architecture(state_dict)
-    model = ResNetCifar(num_classes=num_classes, depth=depth)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + IMAGE_SHAPE), train=False))
+    model = infer_model(state_dict)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(_image_shape(model))),
+                                               train=False))
     variables, used, problems = {}, set(), []
     for collection in ('params', 'batch_stats'):
         flat = {}
         for path, expected in traverse_util.flatten_dict(shapes[collection]).items():
-            key, layout = _torch_key(collection, path)
+            key, where = _torch_key(model, collection, path), f'{collection}/{"/".join(path)}'
             if key not in state_dict:
-                problems.append(f'missing {key!r} (for {collection}/{"/".join(path)} {expected.shape})')
+                problems.append(f'missing {key!r} (for {where} {expected.shape})')
                 continue
             used.add(key)
             value = np.asarray(state_dict[key])
             if not (np.issubdtype(value.dtype, np.floating) or value.dtype == ml_dtypes.bfloat16):
                 problems.append(f'{key!r} has dtype {value.dtype}, expected floating point')
                 continue
-            if _TRANSPOSE[layout] is not None and value.ndim == len(_TRANSPOSE[layout]):
-                value = value.transpose(_TRANSPOSE[layout])
+            transposed = path[-1] == 'kernel' and value.ndim == len(expected.shape) and value.ndim in _TRANSPOSE
+            if transposed:
+                value = value.transpose(_TRANSPOSE[value.ndim])
             if value.shape != expected.shape:
-                torch_shape = np.shape(state_dict[key])
-                problems.append(f'{key!r} has shape {torch_shape}, but a depth-{depth} {num_classes}-class '
-                                f'ResNetCifar needs {collection}/{"/".join(path)} {expected.shape}'
-                                + (' (HWIO/in,out of the file\'s OIHW/out,in)' if layout != 'same' else ''))
+                problems.append(f'{key!r} has shape {np.shape(state_dict[key])}, but {pytorchcv_name(model)} needs '
+                                f'{where} {expected.shape}'
+                                + (" (HWIO/in,out of the file's OIHW/out,in)" if path[-1] == 'kernel' else ''))
                 continue
             flat[path] = np.ascontiguousarray(value, dtype=np.float32)
         variables[collection] = traverse_util.unflatten_dict(flat)
@@ -413,16 +495,17 @@ def variables_from_state_dict(state_dict: dict[str, np.ndarray]) -> tuple[ResNet
     problems += [f'unexpected {k!r} {np.shape(state_dict[k])}' for k in unexpected]
     if problems:
         shown = '\n  '.join(problems[:20]) + (f'\n  ... and {len(problems) - 20} more' if len(problems) > 20 else '')
-        raise ValueError(f'the state dict does not match pytorchcv resnet{depth} for {num_classes} classes '
-                         f'(basic blocks, channels {STAGE_CHANNELS}):\n  {shown}')
+        raise ValueError(f'the state dict does not match the pytorchcv {summary(model)} that its keys and '
+                         f'shapes suggest:\n  {shown}')
     return model, variables
 
 
-def load_pytorchcv(path: str) -> tuple[ResNetCifar, dict]:
-    """read_pth + variables_from_state_dict: (model, variables) of a pytorchcv CIFAR ResNet file.
+def load_pytorchcv(path: str) -> tuple[Any, dict]:
+    """read_pth + variables_from_state_dict: (model, variables) of a pytorchcv CIFARResNet, ResNet
+    (resnet18/resnet50-like) or MobileNetV2 file.
 
-    `model.apply(variables, images, train=False)` with normalized NHWC images (B, 32, 32, 3)
-    gives pytorchcv's eval-mode logits (B, num_classes).
+    `model.apply(variables, images, train=False)` with normalized NHWC images ((B, 32, 32, 3)
+    CIFAR, (B, 224, 224, 3) ImageNet) gives pytorchcv's eval-mode logits (B, num_classes).
     """
     return variables_from_state_dict(read_pth(path))
 
@@ -437,8 +520,7 @@ def infer_dataset(path: str) -> Optional[str]:
     return match.group(1) if match else None
 
 
-def teacher_meta(dataset: str, depth: int, num_classes: int, source: str) -> dict[str, Any]:
-    """The `teacher.json` metadata of a converted pytorchcv CIFAR ResNet (see bag_jax.checkpoint)."""
+def _cifar_info(dataset: str, num_classes: int) -> data.DatasetInfo:
     if dataset not in _DATASETS:
         raise ValueError(f'dataset={dataset!r} is not one the pytorchcv CIFAR models use; '
                          f'use one of {sorted(_DATASETS)}.')
@@ -446,24 +528,47 @@ def teacher_meta(dataset: str, depth: int, num_classes: int, source: str) -> dic
     if info.num_classes != num_classes:
         raise ValueError(f'dataset={dataset!r} has {info.num_classes} classes, but the network '
                          f'has {num_classes} outputs.')
-    return checkpoint.model_meta(info, depth, source)
+    return info
+
+
+def teacher_meta(dataset: str, depth: int, num_classes: int, source: str) -> dict[str, Any]:
+    """The `teacher.json` metadata of a converted pytorchcv CIFAR ResNet (see bag_jax.checkpoint)."""
+    return checkpoint.model_meta(_cifar_info(dataset, num_classes), ResNetCifar(num_classes, depth), source)
+
+
+def dataset_info(model, dataset: Optional[str], path: str) -> data.DatasetInfo:
+    """The data a converted `model` takes: imagenet2012 for the ImageNet networks; for a CIFAR
+    ResNet `dataset`, else the one in the file name `path`. ValueError when it cannot be told or
+    does not fit the network's class count."""
+    if isinstance(model, ResNetCifar):
+        dataset = dataset or infer_dataset(path)
+        if dataset is None:
+            raise ValueError(f'cannot tell the dataset from the file name {os.path.basename(path)!r} '
+                             f'(no _cifar100/_cifar10 in it): pass --dataset, one of {sorted(_DATASETS)}.')
+        return _cifar_info(dataset, model.num_classes)
+    if dataset not in (None, IMAGENET):
+        raise ValueError(f'--dataset {dataset}: {os.path.basename(path)} holds an ImageNet network '
+                         f'({summary(model)}); leave --dataset out or pass {IMAGENET}.')
+    info = data.imagenet_info(IMAGENET)
+    if model.num_classes != info.num_classes:
+        raise ValueError(f'{os.path.basename(path)} holds {summary(model)}, but {IMAGENET} has '
+                         f'{info.num_classes} classes.')
+    return info
 
 
 def convert(path: str, out: str, dataset: Optional[str] = None) -> dict[str, Any]:
     """Converts the pytorchcv file `path` into a teacher checkpoint in `out`; returns its metadata.
 
-    `dataset` defaults to the one in the file name (`..._cifar100...`); with neither, ValueError.
+    ImageNet networks (ResNet, MobileNetV2) are described with imagenet2012's data. For a CIFAR
+    ResNet `dataset` defaults to the one in the file name (`..._cifar100...`); with neither,
+    ValueError.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f'--pytorchcv {path!r} does not exist or is not a file.')
-    dataset = dataset or infer_dataset(path)
-    if dataset is None:
-        raise ValueError(f'cannot tell the dataset from the file name {os.path.basename(path)!r} '
-                         f'(no _cifar100/_cifar10 in it): pass --dataset, one of {sorted(_DATASETS)}.')
     if checkpoint.is_teacher_checkpoint(out) or os.path.exists(os.path.join(out, checkpoint.VARIABLES)):
         raise ValueError(f'--out {out!r} already holds a teacher checkpoint; choose a new directory.')
     model, variables = load_pytorchcv(path)
-    meta = teacher_meta(dataset, model.depth, model.num_classes, os.path.basename(path))
+    meta = checkpoint.model_meta(dataset_info(model, dataset, path), model, os.path.basename(path))
     checkpoint.save_teacher(out, variables, meta)
     return meta
 
@@ -472,13 +577,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     """The command line; returns the exit status (errors are one line on stderr, no traceback)."""
     parser = argparse.ArgumentParser(
         prog='python -m bag_jax.convert',
-        description='Convert pytorchcv CIFAR ResNet weights (a .pth or the zoo\'s .pth.zip) '
-                    'into a bag-jax teacher checkpoint. Needs no PyTorch.')
+        description='Convert pytorchcv weights (a .pth or the zoo\'s .pth.zip) of a CIFAR ResNet, an ImageNet '
+                    'ResNet (resnet18/resnet50) or MobileNetV2 into a bag-jax teacher checkpoint. Needs no PyTorch.')
     parser.add_argument('--pytorchcv', required=True, metavar='FILE',
                         help='state dict file, e.g. resnet20_cifar100-2964-a5322afe.pth(.zip)')
     parser.add_argument('--out', required=True, metavar='DIR', help='new teacher checkpoint directory')
-    parser.add_argument('--dataset', choices=sorted(_DATASETS), default=None,
-                        help='the data the network was trained on (default: from the file name)')
+    parser.add_argument('--dataset', choices=sorted(_DATASETS) + [IMAGENET], default=None,
+                        help=f'the data the network was trained on (default: from the file name for CIFAR, '
+                             f'{IMAGENET} for the ImageNet networks)')
     args = parser.parse_args(argv)
     try:
         meta = convert(args.pytorchcv, args.out, args.dataset)
@@ -486,8 +592,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f'{parser.prog}: error: {e}', file=sys.stderr)
         return 1
     out = os.path.abspath(args.out)
-    print(f'wrote teacher checkpoint {out}: resnet{meta["depth"]} ({meta["arch"]}, depth {meta["depth"]}, '
-          f'{meta["num_classes"]} classes) for {meta["data"]["name"]}, from {meta["source"]}')
+    print(f'wrote teacher checkpoint {out}: {summary(models.build(meta))} for {meta["data"]["name"]}, '
+          f'from {meta["source"]}')
     print(f'  {os.path.join(out, checkpoint.TEACHER_META)}, {os.path.join(out, checkpoint.VARIABLES)}/')
     return 0
 

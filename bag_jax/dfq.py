@@ -35,7 +35,10 @@ from absl import logging
 from tqdm import tqdm
 
 from bag_jax import checkpoint, data, evaluate, losses, metrics, parallel, quant, teacher, validation
-from bag_jax.models import Generator, ResNetCifar, bn_input_pairs, unit_features
+import flax.linen as nn
+
+from bag_jax import models
+from bag_jax.models import Generator, bn_input_pairs, unit_features
 
 DFQ_STATE_DIR = 'dfq_state'
 IMAGES_DIR = 'images'
@@ -64,8 +67,8 @@ class DFQState:
 class Setup:
     """The static side of a run: networks, optimizers and the values of the config the step uses."""
     method: str
-    teacher: ResNetCifar
-    student: ResNetCifar
+    teacher: nn.Module         # any registered architecture (models.ARCHITECTURES)
+    student: nn.Module         # the teacher's architecture, fake-quantized
     generator: Generator
     num_classes: int
     batch_size: int
@@ -82,18 +85,18 @@ class Setup:
     loss: Any                  # a frozen copy of config.loss
 
 
-def build_setup(config, teacher_model: ResNetCifar, info: data.DatasetInfo) -> Setup:
-    """Builds the networks and optimizers that `config` describes around `teacher_model`."""
+def build_setup(config, teacher_model: nn.Module, info: data.DatasetInfo) -> Setup:
+    """Builds the networks and optimizers that `config` describes around `teacher_model`; the
+    generator makes images of `info.image_shape`."""
     q = config.quant
     w_bits = quant.check_bits(q.w_bits, 'quant.w_bits')
     a_bits = quant.check_bits(q.a_bits, 'quant.a_bits')
-    student = ResNetCifar(num_classes=info.num_classes, depth=teacher_model.depth, w_bits=w_bits, a_bits=a_bits,
-                          range_rule=q.range_rule, ste=q.ste)
+    student = models.quantized(teacher_model, w_bits, a_bits, range_rule=q.range_rule, ste=q.ste)
     generator = Generator(num_classes=info.num_classes, image_shape=info.image_shape,
                           latent_dim=config.generator.latent_dim,
                           w_bits=w_bits if config.generator.quantize else None,
                           a_bits=a_bits if config.generator.quantize_activations else None,
-                          range_rule=q.range_rule, ste=q.ste)
+                          range_rule=q.range_rule, ste=q.ste, conditioning=config.generator.conditioning)
     # Learning rates are applied in the step (they change with the epoch, a traced value), so
     # the transforms stop before the learning-rate scaling. PyTorch's Adam and coupled-decay
     # Nesterov SGD (spec 5.1, pitfall 9.15).
@@ -138,17 +141,24 @@ def init_states(setup: Setup, teacher_variables, first_seed: int, num_seeds: int
     return jax.jit(init_all, out_shardings=parallel.replicated(mesh))(first_seed + jnp.arange(num_seeds))
 
 
-def distilled_features(collections, layers: str, units_per_stage: int) -> list[jax.Array]:
-    """The tensors channel attention compares, from a ResNet's sown collections (spec 8.2b):
+def distilled_features(collections, layers: str) -> list[jax.Array]:
+    """The tensors channel attention compares, from a network's sown collections (spec 8.2b):
     'branch' (each unit's conv branch), 'unit_out', 'stage_out' (last unit of each stage), 'conv'
-    (every conv output, i.e. every BN input)."""
+    (every conv output, i.e. every BN input). Units are named `stage{S}_unit{U}` in every
+    architecture (models.registry)."""
     if layers == 'conv':
         flat = flax.traverse_util.flatten_dict(collections['bn_inputs'])
         return [flat[k] for k in sorted(flat)]
+    features = collections['features']
     if layers == 'branch':
-        return unit_features(collections['features'], 'branch')
-    outs = unit_features(collections['features'], 'out')
-    return outs if layers == 'unit_out' else outs[units_per_stage - 1::units_per_stage]
+        return unit_features(features, 'branch')
+    if layers == 'unit_out':
+        return unit_features(features, 'out')
+    last = {}
+    for name in features:
+        stage, unit = (int(s) for s in name.replace('stage', '').split('_unit'))
+        last[stage] = max(last.get(stage, 0), unit)
+    return [features[f'stage{stage}_unit{unit}']['out'] for stage, unit in sorted(last.items())]
 
 
 def _sown_collections(setup: Setup) -> list[str]:
@@ -200,7 +210,6 @@ def train_iteration(setup: Setup, state: DFQState, teacher_variables, epoch, dat
 
     # Student step on the same batch, detached, with the teacher's logits and features (spec 9.10).
     x, t = jax.lax.stop_gradient(x), jax.lax.stop_gradient(t)
-    n_units = (setup.teacher.depth - 2) // 6
     layers = L['channel_attention_layers']
 
     def student_loss(stu_params):
@@ -211,8 +220,8 @@ def train_iteration(setup: Setup, state: DFQState, teacher_variables, epoch, dat
             loss = losses.adadfq_student_loss(s, t, L['temperature'])
         ca = jnp.zeros(())
         if uses_ca:
-            ca = losses.channel_attention_loss(distilled_features(s_col, layers, n_units),
-                                               distilled_features(t_col, layers, n_units),
+            ca = losses.channel_attention_loss(distilled_features(s_col, layers),
+                                               distilled_features(t_col, layers),
                                                L['channel_attention_form'])
         return loss + L['channel_attention'] * ca, (s, s_col['quant_stats'], ca)
 
@@ -346,8 +355,9 @@ def warn_about_memory(setup: Setup, info: data.DatasetInfo) -> float | None:
     The estimate (float32) counts the generator's parameters four times (value, gradient, Adam's
     two moments), the student's three times (value, gradient, momentum) and the teacher's once,
     every module output of the generator and of two ResNets once per image of the batch, and
-    `RUNTIME_BYTES` for JAX itself. It came within 10 % of the peak memory measured on CPU for
-    32x32 to 256x256 RGB images at batch 16 (bench/NOTES.md).
+    `RUNTIME_BYTES` for JAX itself. With the CIFAR ResNet it came within 10 % of the peak memory
+    measured on CPU for 32x32 to 256x256 RGB images at batch 16; with ResNet-18 at 224x224 it is
+    0.68 of the measured peak (bench/NOTES.md).
     """
     height, width, _ = info.image_shape
     if height * width <= LARGE_IMAGE_PIXELS:
@@ -386,7 +396,9 @@ def load_teacher_for(config, workdir: str, dataset: data.ArrayDataset):
     model, variables, meta = checkpoint.load_teacher(directory)
     info = data.DatasetInfo.from_dict(meta['data'])
     checkpoint.check_compatible(info, dataset.info, 'teacher.checkpoint')
-    return model, variables, meta, info
+    # The teacher's classes and normalization at the data's image size: ImageNet-style data
+    # choose it (data.image_size), and every architecture pools globally.
+    return model, variables, meta, dataclasses.replace(info, image_shape=dataset.info.image_shape)
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
@@ -475,7 +487,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                          'quant_stats': jax.tree.map(lambda a: a[k], host_state.stu_quant_stats),
                          'batch_stats': teacher_host['batch_stats']}
             meta = checkpoint.model_meta(
-                info, teacher_model.depth, source=f'{config.method} from {teacher_meta["source"]}',
+                info, teacher_model, source=f'{config.method} from {teacher_meta["source"]}',
                 quant={'w_bits': setup.student.w_bits, 'a_bits': setup.student.a_bits,
                        'range_rule': config.quant.range_rule, 'ste': config.quant.ste},
                 top1=history['top1'][-1][k], epochs=config.epochs)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bag_jax import checkpoint, data, metrics, parallel, validation
+from bag_jax import checkpoint, data, metrics, parallel, validation, zoo
 
 
 def make_eval_step(apply_fn: Callable, info: data.DatasetInfo, mesh) -> Callable:
@@ -34,8 +34,10 @@ def make_eval_step(apply_fn: Callable, info: data.DatasetInfo, mesh) -> Callable
     return jax.jit(step, out_shardings=parallel.replicated(mesh))
 
 
-def evaluate(eval_step: Callable, variables, dataset: data.ArrayDataset, mesh, global_batch_size: int) -> dict[str, float]:
-    """Runs `eval_step` over the whole test split (every process its share).
+def evaluate(eval_step: Callable, variables, dataset: data.ArrayDataset | data.StreamingDataset, mesh,
+             global_batch_size: int) -> dict[str, float]:
+    """Runs `eval_step` over the whole test split (every process its share), held in memory
+    (ArrayDataset) or decoded from files as it goes (StreamingDataset: ImageNet).
 
     Returns {'top1': %, 'top5': %, 'images': count}; the accuracies are floats, or lists of K
     floats when the step scores K models.
@@ -52,9 +54,14 @@ def evaluate(eval_step: Callable, variables, dataset: data.ArrayDataset, mesh, g
 
 def run_evaluation(config, workdir: str) -> dict[str, float]:
     """The `evaluate` mode: scores `config.checkpoint` (a teacher or a student) on its dataset's
-    test split and writes `workdir/summary.json`. Returns the summary."""
+    test split (`config.data.name`, by default the checkpoint's) and writes
+    `workdir/summary.json`. Returns the summary. ImageNet-style data (imagenet2012, imagefolder)
+    may use another crop size than the checkpoint records (data.image_size)."""
     validation.check_divisible(config.eval_batch_size, jax.device_count(), 'eval_batch_size')
-    kind, model, variables, meta = checkpoint.load_model(config.checkpoint, field='checkpoint')
+    directory = config.checkpoint
+    if zoo.is_zoo_spec(directory):       # pytorchcv:NAME: the zoo's teacher, fetched and converted once
+        directory = zoo.teacher_checkpoint(directory)
+    kind, model, variables, meta = checkpoint.load_model(directory, field='checkpoint')
     data_config = config.data.copy_and_resolve_references()
     with data_config.unlocked():
         data_config.name = data_config.name or meta['data']['name']
@@ -64,6 +71,6 @@ def run_evaluation(config, workdir: str) -> dict[str, float]:
     mesh = parallel.make_mesh()
     step = make_eval_step(lambda v, x: model.apply(v, x, train=False), info, mesh)
     result = evaluate(step, parallel.replicate(variables, mesh), dataset, mesh, config.eval_batch_size)
-    summary = {'checkpoint': os.path.abspath(config.checkpoint), 'kind': kind, 'dataset': info.name, **result}
+    summary = {'checkpoint': os.path.abspath(directory), 'kind': kind, 'dataset': info.name, **result}
     metrics.write_summary(workdir, summary)
     return summary

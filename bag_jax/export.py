@@ -10,7 +10,9 @@ writes, for a student quantized at w_bits, a_bits <= 8:
                     per-channel zero points and scales, the activation ranges, BatchNorm and the
                     classifier bias as float32; '__meta__' holds the checkpoint's metadata as
                     JSON. Plain arrays: np.load(..., allow_pickle=False) reads it.
-  OUT/model.jax     `jax.export` of the integer inference built from weights.npz as written:
+  OUT/model.jax     `jax.export` of the integer inference built from weights.npz as written
+                    (resnet_cifar; the ImageNet architectures compute in float32 on the
+                    dequantized kernels, `integer_inference.dequantized_forward`):
                     uint8 images (B, H, W, C) in, float32 logits out, symbolic batch, lowered
                     for CPU, CUDA and TPU. Needs only jax:
                         from jax import export
@@ -37,7 +39,7 @@ from typing import Any, Optional
 import ml_collections
 import numpy as np
 
-from bag_jax import checkpoint, data, integer_inference
+from bag_jax import checkpoint, data, integer_inference, models
 
 WEIGHTS_FILE = 'weights.npz'
 MODEL_FILE = 'model.jax'
@@ -116,20 +118,25 @@ def serialize_forward(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> by
     return exported.serialize()
 
 
-def agreement(student_apply, integer_apply, dataset: data.ArrayDataset, batch_size: int) -> dict[str, Any]:
-    """Scores both models on the test split in batches: the share of images where they predict
-    the same class, each one's top-1 (percent), and the max and mean absolute logit difference."""
-    same = correct_student = correct_integer = 0
+def agreement(student_apply, integer_apply, dataset, batch_size: int) -> dict[str, Any]:
+    """Scores both models on the test split in batches (an ArrayDataset or a streamed one, loaded
+    for one process): the share of images where they predict the same class, each one's top-1
+    (percent), and the max and mean absolute logit difference."""
+    same = correct_student = correct_integer = n = 0
     max_diff, sum_diff, count = 0.0, 0.0, 0
-    for start in range(0, len(dataset.x_test), batch_size):
-        x, y = dataset.x_test[start:start + batch_size], dataset.y_test[start:start + batch_size]
+    for x, y, mask in data.eval_batches(dataset, batch_size, process_count=1):
+        x, y = x[mask], y[mask]
+        if not len(y):
+            continue
         fake, integer = np.asarray(student_apply(x)), np.asarray(integer_apply(x))
         same += int(np.sum(fake.argmax(1) == integer.argmax(1)))
         correct_student += int(np.sum(fake.argmax(1) == y))
         correct_integer += int(np.sum(integer.argmax(1) == y))
         diff = np.abs(fake.astype(np.float64) - integer)
         max_diff, sum_diff, count = max(max_diff, float(diff.max())), sum_diff + float(diff.sum()), count + diff.size
-    n = len(dataset.x_test)
+        n += len(y)
+    if n == 0:
+        raise ValueError(f'the test split of {dataset.info.name!r} is empty: there is nothing to measure agreement on.')
     return {'images': n, 'dataset': dataset.info.name, 'prediction_agreement': same / n,
             'student_top1': 100.0 * correct_student / n, 'integer_top1': 100.0 * correct_integer / n,
             'max_abs_logit_diff': max_diff, 'mean_abs_logit_diff': sum_diff / max(count, 1)}
@@ -159,7 +166,8 @@ def export(checkpoint_dir: str, out: str, data_config=None, eval_batch_size: int
     integer_inference.check_student({**meta, 'kind': kind}, f'--checkpoint {checkpoint_dir!r}')
     dataset = None
     if measure:
-        config = {'name': meta['data']['name'], 'npz_path': None, 'tfds_dir': None, **(data_config or {})}
+        config = {'name': meta['data']['name'], 'npz_path': None, 'tfds_dir': None, 'imagefolder_dir': None,
+                  'image_size': meta['data']['image_shape'][0], **(data_config or {})}
         dataset = data.load_dataset(ml_collections.ConfigDict(config), process_index=0, process_count=1)
         checkpoint.check_compatible(data.DatasetInfo.from_dict(meta['data']), dataset.info, '--checkpoint')
     partial = _prepare_out(out)
@@ -172,7 +180,8 @@ def export(checkpoint_dir: str, out: str, data_config=None, eval_batch_size: int
         written, _ = load_weights(os.path.join(partial, WEIGHTS_FILE))
         with open(os.path.join(partial, MODEL_FILE), 'wb') as f:
             f.write(serialize_forward(written, meta))
-        report = {'checkpoint': os.path.abspath(checkpoint_dir), 'arch': meta['arch'], 'depth': meta['depth'],
+        report = {'checkpoint': os.path.abspath(checkpoint_dir), **models.describe(model),
+                  'integer_arithmetic': meta['arch'] in integer_inference.INTEGER_ARCHITECTURES,
                   'num_classes': meta['num_classes'], 'w_bits': meta['quant']['w_bits'],
                   'a_bits': meta['quant']['a_bits'], 'platforms': list(PLATFORMS),
                   **sizes(arrays, packed, variables, partial)}
@@ -215,13 +224,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument('--checkpoint', required=True, metavar='DIR', help='a student checkpoint (W/student)')
     parser.add_argument('--out', required=True, metavar='OUT', help='the export directory to write')
     parser.add_argument('--npz_path', default=None, help="score on this npz file's test split")
-    parser.add_argument('--tfds_dir', default=None, help='a prepared tensorflow-datasets directory (CIFAR)')
+    parser.add_argument('--tfds_dir', default=None, help='a prepared tensorflow-datasets directory (CIFAR, ImageNet)')
+    parser.add_argument('--imagefolder_dir', default=None, help='score on this folder of class folders (ImageNet)')
     parser.add_argument('--eval_batch_size', type=int, default=200)
     parser.add_argument('--no_agreement', action='store_true', help='skip the agreement measurement')
     args = parser.parse_args(argv)
-    config = {k: v for k, v in (('npz_path', args.npz_path), ('tfds_dir', args.tfds_dir)) if v}
+    config = {k: v for k, v in (('npz_path', args.npz_path), ('tfds_dir', args.tfds_dir),
+                                 ('imagefolder_dir', args.imagefolder_dir)) if v}
     if args.npz_path:
         config['name'] = 'npz'
+    if args.imagefolder_dir:
+        config['name'] = 'imagefolder'
     try:
         report = export(args.checkpoint, args.out, config, args.eval_batch_size, measure=not args.no_agreement)
     except (OSError, ValueError, checkpoint.CheckpointError, data.DatasetUnavailableError) as e:

@@ -28,6 +28,10 @@ w_bits, a_bits <= 8):
 * **Pooling and the classifier**: sum over positions of (q_a + z_a) in int32, an int32 dot with
   (q_w + z_w), then divided by s_a s_w times the number of positions, plus the bias.
 
+Other architectures (ResNet-18/50, MobileNetV2) have the same integer form (every kernel's q,
+zero point and scale), and `make_forward` runs them in float32 on the dequantized kernels
+(`dequantized_forward`): the student's own numbers, its storage saved, not its arithmetic.
+
 `integer_form(model, variables)` computes that representation from a student's variables;
 `make_forward(arrays, meta)` returns `forward(uint8 images (B, H, W, C)) -> logits (B, classes)`,
 a pure jnp function (normalization inside) that `bag_jax.export` serializes with `jax.export`.
@@ -44,9 +48,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bag_jax import quant
-from bag_jax.models import ResNetCifar
-from bag_jax.models.resnet_cifar import BN_EPSILON, units_per_stage
+from bag_jax import models, quant
+from bag_jax.models.layers import BN_EPSILON
+from bag_jax.models.resnet_cifar import units_per_stage
 
 MAX_BITS = 8          # int8 containers
 _DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
@@ -70,7 +74,7 @@ class Activation:
 
 def check_student(meta: dict[str, Any], what: str) -> tuple[int, int]:
     """(w_bits, a_bits) of a student checkpoint's metadata; ValueError naming `what` unless it is
-    a quantized ResNetCifar student with both bit-widths in 1..MAX_BITS."""
+    a quantized student with both bit-widths in 1..MAX_BITS."""
     bits = meta.get('quant', {}) if meta.get('kind') == 'student' else {}
     w_bits, a_bits = bits.get('w_bits'), bits.get('a_bits')
     if w_bits is None or a_bits is None:
@@ -80,12 +84,10 @@ def check_student(meta: dict[str, Any], what: str) -> tuple[int, int]:
     if w_bits > MAX_BITS or a_bits > MAX_BITS:
         raise ValueError(f'{what} is a W{w_bits}A{a_bits} student: integer inference holds weights and activations '
                          f'in int8, so both bit-widths must be at most {MAX_BITS}.')
-    if meta.get('arch') != 'resnet_cifar':
-        raise ValueError(f'{what} has architecture {meta.get("arch")!r}; integer inference knows resnet_cifar.')
     return int(w_bits), int(a_bits)
 
 
-def integer_form(model: ResNetCifar, variables) -> dict[str, np.ndarray]:
+def integer_form(model, variables) -> dict[str, np.ndarray]:
     """The integer representation of a student, as numpy arrays by name:
 
       <layer>/q           int8, the kernel's grid indices (HWIO or (in, out))
@@ -150,10 +152,56 @@ def _quantize(arrays, path: str, x, bits: int) -> Activation:
     return Activation(q.astype(jnp.int8), zero_point.astype(jnp.int32), scale)
 
 
+INTEGER_ARCHITECTURES = ('resnet_cifar',)   # those with integer kernels; the others: `dequantized_forward`
+
+
 def make_forward(arrays: dict[str, Any], meta: dict[str, Any]) -> Callable[[jax.Array], jax.Array]:
-    """forward(images uint8 (B, H, W, C)) -> float32 logits (B, classes): the integer inference
-    of the student that `integer_form` gave `arrays` for; `meta` is its checkpoint metadata
-    (depth, bit-widths, input normalization). Pure jnp: jit it, or export it."""
+    """forward(images uint8 (B, H, W, C)) -> float32 logits (B, classes) of the student that
+    `integer_form` gave `arrays` for; `meta` is its checkpoint metadata (architecture, bit-widths,
+    input normalization). Integer arithmetic for INTEGER_ARCHITECTURES (`integer_forward`), the
+    dequantized form for the others (`dequantized_forward`). Pure jnp: jit it, or export it."""
+    if meta['arch'] in INTEGER_ARCHITECTURES:
+        return integer_forward(arrays, meta)
+    return dequantized_forward(arrays, meta)
+
+
+def dequantized_forward(arrays: dict[str, Any], meta: dict[str, Any]) -> Callable[[jax.Array], jax.Array]:
+    """The student of any architecture from its integer form, in float32: each kernel is its
+    dequantized integer form (q + z_w) / s_w, which is exactly the fake-quantized kernel, and the
+    activations are fake-quantized on their calibrated ranges, as the student computes them. Its
+    logits are the student's up to float rounding; what it saves is the kernels' storage (packed
+    at w_bits), not arithmetic. The ImageNet architectures take this path: their integer kernels
+    (max pooling on integers, depthwise and bottleneck convolutions) are not written yet."""
+    w_bits, a_bits = check_student(meta, 'the student')
+    quant_meta = meta.get('quant', {})
+    model = models.build(meta, w_bits=None, a_bits=a_bits, range_rule=quant_meta.get('range_rule', 'reference'),
+                         ste=quant_meta.get('ste', 'identity'))
+    kernels = {name[:-len('/q')] for name in arrays if name.endswith('/q')}
+    params, stats, ranges = {}, {}, {}
+    for name, value in arrays.items():
+        layer, leaf = name.rsplit('/', 1)
+        if layer in kernels and leaf in ('q', 'zero_point', 'scale'):
+            if leaf == 'q':
+                params[(*layer.split('/'), 'kernel')] = _dequantized_kernel(arrays, layer)
+        elif leaf in ('mean', 'var'):
+            stats[tuple(name.split('/'))] = jnp.asarray(value)
+        elif leaf in ('x_min', 'x_max'):
+            ranges[tuple(name.split('/'))] = jnp.asarray(value)
+            ranges[(*layer.split('/'), 'beta_t')] = jnp.ones((), jnp.float32)   # unused when frozen
+        else:
+            params[tuple(name.split('/'))] = jnp.asarray(value)
+    unflatten = flax.traverse_util.unflatten_dict
+    variables = {'params': unflatten(params), 'batch_stats': unflatten(stats), 'quant_stats': unflatten(ranges)}
+    mean = jnp.asarray(meta['data']['mean'], jnp.float32)
+    std = jnp.asarray(meta['data']['std'], jnp.float32)
+
+    def forward(images: jax.Array) -> jax.Array:
+        return model.apply(variables, (images.astype(jnp.float32) / 255.0 - mean) / std)   # data.normalize
+    return forward
+
+
+def integer_forward(arrays: dict[str, Any], meta: dict[str, Any]) -> Callable[[jax.Array], jax.Array]:
+    """The integer inference of a resnet_cifar student (module docstring)."""
     _, a_bits = check_student(meta, 'the student')      # the weights' grid is already in their q
     depth = int(meta['depth'])
     n = units_per_stage(depth)

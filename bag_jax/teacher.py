@@ -20,7 +20,7 @@ import optax
 from absl import logging
 from tqdm import tqdm
 
-from bag_jax import checkpoint, data, evaluate, metrics, parallel, validation
+from bag_jax import checkpoint, data, evaluate, metrics, parallel, validation, zoo
 from bag_jax.models import ResNetCifar
 
 TEACHER_DIR = 'teacher'
@@ -83,6 +83,7 @@ def train_teacher(config, workdir: str, dataset: data.ArrayDataset | None = None
     validation.check_divisible(tc.batch_size, jax.device_count(), 'teacher.batch_size')
     validation.check_divisible(config.eval_batch_size, jax.device_count(), 'eval_batch_size')
     dataset = dataset or data.load_dataset(config.data)
+    data.require_train_split(dataset, purpose='training a teacher')
     info = dataset.info
     model = ResNetCifar(num_classes=info.num_classes, depth=tc.depth)
     mesh = parallel.make_mesh()
@@ -127,7 +128,7 @@ def train_teacher(config, workdir: str, dataset: data.ArrayDataset | None = None
 
     variables = parallel.to_host({'params': state.params, 'batch_stats': state.batch_stats})
     directory = os.path.join(workdir, TEACHER_DIR)
-    meta = checkpoint.model_meta(info, tc.depth, source=f'trained by bag_jax.teacher, {tc.epochs} epochs',
+    meta = checkpoint.model_meta(info, model, source=f'trained by bag_jax.teacher, {tc.epochs} epochs',
                         top1=result.get('top1'), top5=result.get('top5'))
     checkpoint.save_teacher(directory, variables, meta)
     logging.info('teacher: top-1 %.2f %%, top-5 %.2f %%, written to %s', result.get('top1', float('nan')),
@@ -136,8 +137,11 @@ def train_teacher(config, workdir: str, dataset: data.ArrayDataset | None = None
 
 
 def ensure_teacher(config, workdir: str, dataset: data.ArrayDataset | None = None) -> str:
-    """The teacher a quantization run uses: `config.teacher.checkpoint` if set, else a finished
+    """The teacher a quantization run uses: `config.teacher.checkpoint` if set (a directory, or
+    'pytorchcv:NAME': the zoo file, fetched and converted once, `bag_jax.zoo`), else a finished
     teacher in `workdir/teacher`, else one trained there now. Returns its directory."""
+    if zoo.is_zoo_spec(config.teacher.checkpoint):
+        return zoo.teacher_checkpoint(config.teacher.checkpoint)
     if config.teacher.checkpoint:
         return config.teacher.checkpoint
     directory = os.path.join(workdir, TEACHER_DIR)

@@ -10,11 +10,11 @@ import difflib
 import numbers
 from typing import Any
 
-from bag_jax import quant
+from bag_jax import data, quant
+from bag_jax.models.generator import CONDITIONINGS
 
 MODES = ('quantize', 'teacher', 'evaluate')
 METHODS = ('gdfq', 'adadfq', 'bag')
-DATA_SOURCES = ('cifar100', 'cifar10', 'digits', 'npz')
 CHANNEL_ATTENTION_FORMS = ('energy', 'mean', 'softmax')
 CHANNEL_ATTENTION_LAYERS = ('branch', 'conv', 'unit_out', 'stage_out')
 EPOCH_LOOPS = ('auto', 'scan', 'python')
@@ -92,13 +92,24 @@ def _optional_str(config, field: str) -> str | None:
 
 
 def validate_data(config, name_optional: bool = False) -> None:
-    """Checks the `data` section: the source name and its path fields."""
+    """Checks the `data` section: the source name, its path fields and the ImageNet crop size;
+    and that a teacher run (`mode='teacher'`) has training images."""
     if name_optional and _get(config, 'data.name') is None:
         name = None
     else:
-        name = _choice(config, 'data.name', DATA_SOURCES)
+        name = _choice(config, 'data.name', data.SOURCES)
     npz_path = _optional_str(config, 'data.npz_path')
     _optional_str(config, 'data.tfds_dir')
+    imagefolder_dir = _optional_str(config, 'data.imagefolder_dir') if 'imagefolder_dir' in config.data else None
+    if 'image_size' in config.data:
+        _int(config, 'data.image_size', 1)
+    if name == 'imagefolder' and imagefolder_dir is None:
+        raise ValueError("data.name='imagefolder' needs data.imagefolder_dir: a folder with one subfolder of images "
+                         'per class (ImageNet: val/n01440764/ILSVRC2012_val_00000293.JPEG, ...).')
+    if name in data.STREAMING_SOURCES and config.get('mode') == 'teacher':
+        raise ValueError(f'data.name={name!r} holds evaluation images only (no train split), so mode=teacher cannot '
+                         'train on it: data-free quantization of an ImageNet model starts from a pretrained teacher '
+                         '(teacher.checkpoint, e.g. pytorchcv:resnet18); training an ImageNet teacher is not supported.')
     if 'digits_test_fraction' in config.data:
         fraction = _number(config, 'data.digits_test_fraction', strict=True, maximum=1.0)
         if fraction >= 1.0:
@@ -109,8 +120,10 @@ def validate_data(config, name_optional: bool = False) -> None:
 
 def validate_teacher(config) -> None:
     """Checks the `teacher` section (architecture and full-precision training settings)."""
+    from bag_jax import zoo
     from bag_jax.models.resnet_cifar import units_per_stage
-    _optional_str(config, 'teacher.checkpoint')
+    if zoo.is_zoo_spec(_optional_str(config, 'teacher.checkpoint')):
+        zoo.zoo_file(config.teacher.checkpoint)   # a known name, before anything is fetched
     units_per_stage(_get(config, 'teacher.depth'))
     for field in ('teacher.epochs', 'teacher.batch_size'):
         _int(config, field, 1)
@@ -162,6 +175,15 @@ def validate_quantize(config) -> None:
         raise ValueError(f'loss.lambda_l={lambda_l} is above loss.lambda_u={lambda_u}: the margin needs lambda_l <= lambda_u.')
     _choice(config, 'loss.channel_attention_form', CHANNEL_ATTENTION_FORMS)
     _choice(config, 'loss.channel_attention_layers', CHANNEL_ATTENTION_LAYERS)
+    if 'conditioning' in config.generator:
+        _choice(config, 'generator.conditioning', CONDITIONINGS)
+    name = _get(config, 'data.name')
+    if name in data.STREAMING_SOURCES and not _get(config, 'teacher.checkpoint'):
+        raise ValueError(
+            f"data.name={name!r} holds evaluation images only, so a quantization run cannot train its teacher: set "
+            "teacher.checkpoint, e.g. --config.teacher.checkpoint=pytorchcv:resnet18 (or pytorchcv:resnet50, "
+            "pytorchcv:mobilenetv2_w1: the zoo weights the papers used, fetched once), or a directory made by "
+            "`python -m bag_jax.convert --pytorchcv FILE.pth --out DIR`.")
 
 
 def validate_config(config) -> None:

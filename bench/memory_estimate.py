@@ -29,7 +29,7 @@ def main(size: int, batch: int) -> None:
     c.data.name, c.data.npz_path, c.batch_size = 'npz', path, batch
     result = bench.run_bench(c, steps=1, repeats=1)
     info = bench.bench_info(c)
-    setup = dfq.build_setup(c, bench.random_teacher(info, c.teacher.depth, c.seed)[0], info)
+    setup = dfq.build_setup(c, bench.random_teacher(info, bench.teacher_architecture(c, info), c.seed)[0], info)
     large = dfq.LARGE_IMAGE_PIXELS
     dfq.LARGE_IMAGE_PIXELS = 0      # estimate every size, not only those that warn
     estimate = dfq.warn_about_memory(setup, info)

@@ -57,6 +57,9 @@ def get_config(method: str = 'bag') -> ml_collections.ConfigDict:
     c.generator.b2 = 0.999
     c.generator.quantize = method == 'bag'      # BAG: weights at quant.w_bits (spec 8.2a)
     c.generator.quantize_activations = False    # also LeakyReLU outputs at quant.a_bits
+    # How the generator sees the label: 'embedding' (CIFAR: z times a label embedding) or
+    # 'batchnorm' (ImageNet: class-conditional BatchNorm, spec imagenet.md 3).
+    c.generator.conditioning = 'embedding'
 
     c.student = ml_collections.ConfigDict()
     c.student.lr = 1e-4
@@ -83,10 +86,15 @@ def get_config(method: str = 'bag') -> ml_collections.ConfigDict:
     c.loss.channel_attention_layers = 'branch'  # 'branch' | 'conv' | 'unit_out' | 'stage_out'
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = 'cifar100'       # 'cifar100' | 'cifar10' | 'digits' | 'npz'
+    c.data.name = 'cifar100'       # 'cifar100' | 'cifar10' | 'digits' | 'npz' | 'imagenet2012' | 'imagefolder'
     c.data.npz_path = config_dict.placeholder(str)
     c.data.tfds_dir = config_dict.placeholder(str)
     c.data.digits_test_fraction = 0.25   # digits only: the share of the 1797 images held out for testing
+    # imagefolder only: one subfolder of images per class (ImageNet: val/n01440764/*.JPEG, ...).
+    c.data.imagefolder_dir = config_dict.placeholder(str)
+    # imagenet2012, imagefolder: the side of the center crop; the shorter side is first resized to
+    # round(image_size * 256 / 224) (Resize(256) -> CenterCrop(224), spec imagenet.md 6).
+    c.data.image_size = 224
 
     c.teacher = ml_collections.ConfigDict()
     c.teacher.checkpoint = config_dict.placeholder(str)   # empty: train one into workdir/teacher

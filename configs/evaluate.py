@@ -22,4 +22,6 @@ def get_config(arg=None):
     c.data.npz_path = config_dict.placeholder(str)
     c.data.tfds_dir = config_dict.placeholder(str)
     c.data.digits_test_fraction = 0.25   # digits only: as the quantization run that made the checkpoint
+    c.data.imagefolder_dir = config_dict.placeholder(str)   # imagefolder: a directory of class folders
+    c.data.image_size = 224              # imagefolder / imagenet2012: the centre crop (resized to 256/224 of it first)
     return c

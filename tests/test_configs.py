@@ -8,14 +8,16 @@ import pytest
 
 from bag_jax import validation
 from configs import (base, cifar100_teacher, cifar100_w3a3, cifar100_w4a4, cifar100_w5a5, cifar10_teacher,
-                     cifar10_w3a3, cifar10_w4a4, cifar10_w5a5, digits_w3a3)
+                     cifar10_w3a3, cifar10_w4a4, cifar10_w5a5, digits_w3a3, imagenet_mobilenetv2_w4a4,
+                     imagenet_resnet18_w4a4, imagenet_resnet50_w4a4)
 from configs import evaluate as evaluate_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize('module', [cifar100_w3a3, cifar100_w4a4, cifar100_w5a5, cifar10_w3a3, cifar10_w4a4,
-                                    cifar10_w5a5, digits_w3a3])
+                                    cifar10_w5a5, digits_w3a3, imagenet_resnet18_w4a4, imagenet_resnet50_w4a4,
+                                    imagenet_mobilenetv2_w4a4])
 @pytest.mark.parametrize('method', ['gdfq', 'adadfq', 'bag'])
 def test_quantization_configs_validate(module, method):
     c = module.get_config(method)
@@ -42,6 +44,35 @@ def test_method_defaults_follow_the_reference_configs():
         assert (c.loss.alpha_ds, c.loss.alpha_as, c.loss.lambda_l, c.loss.lambda_u) == (0.2, 0.1, 0.1, 0.8)
     with pytest.raises(ValueError, match="'zeroq' is not a method"):
         base.get_config('zeroq')
+
+
+def test_imagenet_configs_follow_the_reference():
+    """spec imagenet.md 5: the W4A4 values of the reference's ImageNet config comments."""
+    expected = {imagenet_resnet18_w4a4: ('pytorchcv:resnet18', 1e-5, (350, 400), 0.2, 0.3),
+                imagenet_mobilenetv2_w4a4: ('pytorchcv:mobilenetv2_w1', 1e-5, (350, 400), 0.3, 0.1),
+                imagenet_resnet50_w4a4: ('pytorchcv:resnet50', 1e-4, (200, 300, 400), 0.1, 0.3)}
+    for module, (teacher, lr, milestones, alpha_ds, lambda_l) in expected.items():
+        for method in ('adadfq', 'bag'):
+            c = module.get_config(method)
+            assert (c.teacher.checkpoint, c.student.lr, tuple(c.lr_milestones), c.loss.alpha_ds, c.loss.lambda_l) == (
+                teacher, lr, milestones, alpha_ds, lambda_l)
+            assert (c.quant.w_bits, c.quant.a_bits, c.batch_size, c.warmup_epochs, c.loss.temperature) == (4, 4, 16, 50, 5.0)
+            assert (c.data.name, c.data.image_size, c.generator.conditioning) == ('imagenet2012', 224, 'batchnorm')
+            assert c.generator.quantize == (method == 'bag')
+        gdfq = module.get_config('gdfq')
+        assert (gdfq.batch_size, gdfq.student.lr, tuple(gdfq.lr_milestones), gdfq.loss.temperature, gdfq.loss.bns) == (
+            16, 1e-6, (100, 200, 300), 20.0, 0.1)
+
+
+def test_imagenet_data_needs_a_teacher_checkpoint():
+    c = imagenet_resnet18_w4a4.get_config()
+    c.teacher.checkpoint = None
+    with pytest.raises(ValueError, match=r"data.name='imagenet2012' holds evaluation images only.*pytorchcv:resnet18"):
+        validation.validate_config(c)
+    c.generator.conditioning = 'film'
+    c.teacher.checkpoint = 'pytorchcv:resnet18'
+    with pytest.raises(ValueError, match="generator.conditioning='film' is not allowed"):
+        validation.validate_config(c)
 
 
 def test_other_configs_validate():

@@ -63,9 +63,20 @@ def test_methods_and_ablations_build_the_right_networks(digits_teacher):
 def test_distilled_feature_selection(digits_teacher, layers, count):
     model, variables, _ = checkpoint.load_teacher(digits_teacher)
     _, col = model.apply(variables, jnp.zeros((2, 8, 8, 1)), mutable=['features', 'bn_inputs'])
-    feats = dfq.distilled_features(col, layers, units_per_stage=1)
+    feats = dfq.distilled_features(col, layers)
     assert len(feats) == count
     assert [f.shape[-1] for f in feats][-1] == 64
+
+
+def test_stage_out_takes_the_last_unit_of_each_stage():
+    """Any architecture: units named stage{S}_unit{U}, stages of different lengths, 10+ units."""
+    units = [(1, 1), (2, 1), (2, 2), (2, 10), (3, 1), (1, 2), (2, 3)]
+    features = {f'stage{s}_unit{u}': {'out': jnp.full((1,), 100 * s + u), 'branch': jnp.zeros((1,))}
+                for s, u in units}
+    outs = dfq.distilled_features({'features': features}, 'stage_out')
+    assert [int(o[0]) for o in outs] == [102, 210, 301]
+    outs = dfq.distilled_features({'features': features}, 'unit_out')
+    assert [int(o[0]) for o in outs] == [101, 102, 201, 202, 203, 210, 301]
 
 
 def run_iteration(setup, variables, state, epoch):

@@ -186,3 +186,54 @@ def test_generator_activation_quantizers():
     assert set(v['quant_stats']) == {'act_quant1', 'act_quant2'}
     _, new = gen.apply(v, z, y, calibrate=True, mutable=['quant_stats'])
     assert float(new['quant_stats']['act_quant1']['x_min']) < 0 < float(new['quant_stats']['act_quant1']['x_max'])
+
+
+def imagenet_generator_param_count(classes, latent, h, w, c):
+    """The ImageNet generator (spec imagenet.md 3): no label embedding; conditional BNs with a
+    (classes, C) scale and bias table each instead of one scale and bias per channel."""
+    h0, w0 = -(-h // 4), -(-w // 4)
+    return (latent * 128 * h0 * w0 + 128 * h0 * w0 + 2 * classes * 128
+            + 9 * 128 * 128 + 128 + 2 * classes * 128 + 9 * 128 * 64 + 64 + 2 * classes * 64 + 9 * 64 * c + c)
+
+
+def test_imagenet_generator_size():
+    gen = Generator(num_classes=1000, image_shape=(224, 224, 3), conditioning='batchnorm')
+    shapes = jax.eval_shape(gen.init, jax.random.PRNGKey(0), jnp.zeros((2, 100)), jnp.zeros((2,), jnp.int32))
+    params = shapes['params']
+    assert 'label_emb' not in params
+    assert count(params) == imagenet_generator_param_count(1000, 100, 224, 224, 3) == 41_405_315   # 41.4M
+    assert count(params['l1']) == 40_542_208                                                       # 40.5M
+    assert params['bn0']['scale'].shape == (1000, 128) and params['bn2']['bias'].shape == (1000, 64)
+    images = jax.eval_shape(gen.apply, shapes, jnp.zeros((4, 100)), jnp.arange(4))
+    assert images.shape == (4, 224, 224, 3)
+
+
+def test_conditional_batchnorm_against_numpy():
+    from bag_jax.models.generator import ConditionalBatchStatNorm
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 3, 2, 4)).astype(np.float32) * 3 + 1
+    y = np.array([0, 2, 1, 2, 0])
+    scale, bias = rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=(3, 4)).astype(np.float32)
+    out = ConditionalBatchStatNorm(3, epsilon=0.8).apply({'params': {'scale': scale, 'bias': bias}}, x, y)
+    mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))          # biased, as PyTorch in train mode
+    expected = (x - mean) / np.sqrt(var + 0.8) * scale[y][:, None, None] + bias[y][:, None, None]
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_imagenet_generator_conditions_through_batchnorm_only():
+    gen = Generator(num_classes=10, image_shape=(8, 8, 3), latent_dim=16, conditioning='batchnorm')
+    z = jax.random.normal(jax.random.PRNGKey(1), (6, 16))
+    v = gen.init(jax.random.PRNGKey(0), z, jnp.zeros((6,), jnp.int32))
+    # Tables at their init (scale 1, bias 0): the label changes nothing, as in the reference.
+    np.testing.assert_array_equal(gen.apply(v, z, jnp.zeros((6,), jnp.int32)), gen.apply(v, z, jnp.arange(6)))
+    tables = jax.tree_util.tree_map_with_path(
+        lambda path, a: a + 0.5 * jax.random.normal(jax.random.PRNGKey(len(path)), a.shape)
+        if path[0].key.startswith('bn') else a, v['params'])
+    a, b = gen.apply({'params': tables}, z, jnp.zeros((6,), jnp.int32)), gen.apply({'params': tables}, z, jnp.arange(6))
+    assert not np.allclose(a, b, atol=1e-3)
+    bag = Generator(num_classes=10, image_shape=(8, 8, 3), latent_dim=16, conditioning='batchnorm', w_bits=3)
+    expected = gen.apply({'params': _quantize_kernels_numpy(tables, 3)}, z, jnp.arange(6))   # tables stay FP
+    np.testing.assert_allclose(bag.apply({'params': tables}, z, jnp.arange(6)), expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="generator.conditioning='film'"):
+        Generator(num_classes=10, image_shape=(8, 8, 3), conditioning='film').init(
+            jax.random.PRNGKey(0), z, jnp.zeros((6,), jnp.int32))

@@ -9,9 +9,17 @@ Every BN normalizes with the batch's own statistics, always (the reference gener
 leaves train mode). The output is an image batch in the teacher's normalized input domain,
 (B, H, W, C).
 
+Two ways to condition on the label y (`conditioning`):
+  'embedding'  the CIFAR generator: z is multiplied by a label embedding, the BNs have one
+               scale and bias per channel (spec 3);
+  'batchnorm'  the ImageNet generator (spec imagenet.md 3): z goes in as it is, and each of the
+               three hidden BNs is a conditional BN: affine-free, then a per-class scale
+               (initialized to 1) and bias (0) looked up by y. At 224x224 its first layer
+               alone has 40.5M of its 41.4M parameters.
+
 BAG (spec 8.2a, our reading of the paper): `w_bits` fake-quantizes the weights of the linear
 layer and the three convs per output channel with the student's quantizer; the label embedding,
-the BNs and the output stay full precision. `a_bits` optionally adds a QuantAct after each
+the (conditional) BNs and the output stay full precision. `a_bits` optionally adds a QuantAct after each
 LeakyReLU (a signed range; the asymmetric quantizer handles it).
 """
 
@@ -38,6 +46,25 @@ def _upsample2x(x):
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
+CONDITIONINGS = ('embedding', 'batchnorm')
+
+
+class ConditionalBatchStatNorm(nn.Module):
+    """Conditional BatchNorm (the reference's CategoricalConditionalBatchNorm2d, always in train
+    mode): batch-statistics normalization without affine parameters, then per-sample scale[y]
+    and bias[y] from (num_classes, C) tables initialized to 1 and 0."""
+    num_classes: int
+    epsilon: float = BN_EPSILON
+
+    @nn.compact
+    def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
+        x = layers.BatchStatNorm(self.epsilon, affine=False)(x)
+        features = x.shape[-1]
+        scale = self.param('scale', nn.initializers.ones, (self.num_classes, features))
+        bias = self.param('bias', nn.initializers.zeros, (self.num_classes, features))
+        return x * scale[y][:, None, None, :] + bias[y][:, None, None, :]
+
+
 class Generator(nn.Module):
     """Label-conditioned generator. `__call__(z (B, latent_dim), y (B,) int, calibrate=False)`
     returns images (B, H, W, C) for `image_shape = (H, W, C)`.
@@ -52,6 +79,12 @@ class Generator(nn.Module):
     a_bits: Optional[int] = None
     range_rule: str = 'reference'
     ste: str = 'identity'
+    conditioning: str = 'embedding'
+
+    def _norm(self, x, y, epsilon: float, name: str):
+        if self.conditioning == 'batchnorm':
+            return ConditionalBatchStatNorm(self.num_classes, epsilon, name=name)(x, y)
+        return layers.BatchStatNorm(epsilon, name=name)(x)
 
     def _conv(self, features: int, fan_in: int, name: str) -> nn.Conv:
         return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), use_bias=True,
@@ -65,24 +98,27 @@ class Generator(nn.Module):
 
     @nn.compact
     def __call__(self, z: jax.Array, y: jax.Array, calibrate: bool = False) -> jax.Array:
+        if self.conditioning not in CONDITIONINGS:
+            raise ValueError(f'generator.conditioning={self.conditioning!r}; allowed: {", ".join(CONDITIONINGS)}.')
         height, width, channels = self.image_shape
         h0, w0 = math.ceil(height / 4), math.ceil(width / 4)
-        emb = nn.Embed(self.num_classes, self.latent_dim, embedding_init=nn.initializers.normal(1.0),
-                       name='label_emb')(y)
-        x = emb * z
+        x = z
+        if self.conditioning == 'embedding':
+            x = nn.Embed(self.num_classes, self.latent_dim, embedding_init=nn.initializers.normal(1.0),
+                         name='label_emb')(y) * z
         x = nn.Dense(BASE_CHANNELS * h0 * w0, kernel_init=layers.torch_default_kernel_init,
                      bias_init=layers.torch_default_bias_init(self.latent_dim),
                      dot_general=quant.quantized_dot_general(self.w_bits, self.ste), name='l1')(x)
         # PyTorch views the linear output as (B, 128, h0, w0): channel-major, then NCHW -> NHWC.
         x = x.reshape(x.shape[0], BASE_CHANNELS, h0, w0).transpose(0, 2, 3, 1)
-        x = layers.BatchStatNorm(BN_EPSILON, name='bn0')(x)
+        x = self._norm(x, y, BN_EPSILON, 'bn0')
         x = _upsample2x(x)
         x = self._conv(BASE_CHANNELS, BASE_CHANNELS * 9, 'conv1')(x)
-        x = layers.BatchStatNorm(CONV_BN_EPSILON, name='bn1')(x)
+        x = self._norm(x, y, CONV_BN_EPSILON, 'bn1')
         x = self._act(x, calibrate, 'act_quant1')
         x = _upsample2x(x)
         x = self._conv(BASE_CHANNELS // 2, BASE_CHANNELS * 9, 'conv2')(x)
-        x = layers.BatchStatNorm(CONV_BN_EPSILON, name='bn2')(x)
+        x = self._norm(x, y, CONV_BN_EPSILON, 'bn2')
         x = self._act(x, calibrate, 'act_quant2')
         x = self._conv(channels, BASE_CHANNELS // 2 * 9, 'conv3')(x)
         x = jnp.tanh(x)

@@ -1,16 +1,21 @@
-"""Small pieces shared by the ResNet and the generator: PyTorch's default initializers and a
-batch-statistics normalization."""
+"""Small pieces shared by the classifiers and the generator: PyTorch's default initializers, a
+batch-statistics normalization, and pytorchcv's conv-BN-activation block with its sown BN input."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bag_jax import quant
+
 # PyTorch's default Linear/Conv2d init, kaiming_uniform(a=sqrt(5)), is U(+-1/sqrt(fan_in)) for the
 # weight; the bias is U(+-1/sqrt(fan_in)) too (spec 3).
 torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
-# pytorchcv's CIFARResNet re-initializes its convs with kaiming_uniform_ (gain sqrt(2)).
+# pytorchcv's CIFARResNet, ResNet and MobileNetV2 re-initialize their convs with kaiming_uniform_
+# (gain sqrt(2); fan_in counts one group's input channels, as Flax's does).
 kaiming_uniform_init = nn.initializers.variance_scaling(2.0, 'fan_in', 'uniform')
 
 
@@ -44,3 +49,62 @@ class BatchStatNorm(nn.Module):
             y = y * self.param('scale', nn.initializers.ones, (features,))
             y = y + self.param('bias', nn.initializers.zeros, (features,))
         return y
+
+
+# pytorchcv's BatchNorm2d: eps 1e-5 (spec 1.2, imagenet.md 2); PyTorch's momentum 0.1 is Flax's 0.9
+# (Flax weights the old running value, spec 9.13).
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.9
+ACTIVATIONS = ('relu', 'relu6', None)
+
+
+def keep(module: nn.Module, collection: str, name: str, value) -> None:
+    """Stores `value` in `collection` if the caller made it mutable; never at init, never twice."""
+    if not module.is_initializing():
+        module.sow(collection, name, value, reduce_fn=lambda _, new: new, init_fn=lambda: None)
+
+
+class ConvBlock(nn.Module):
+    """conv -> BN [-> ReLU/ReLU6 -> QuantAct]: pytorchcv's ConvBlock (bias-free conv, padding k//2).
+
+    `groups` > 1 is a grouped conv (groups = channels: MobileNetV2's depthwise 3x3, HWIO kernel
+    (k, k, 1, C)). The kernel is fake-quantized per output channel when `w_bits` is set; a
+    QuantAct follows the activation, and only the activation (spec 2.1, imagenet.md 4). The BN's
+    input is sown as 'bn_inputs'/`input` next to the BN `bn` (see `bn_input_pairs`).
+    """
+    features: int
+    kernel_size: int
+    strides: int
+    activation: Optional[str]
+    groups: int = 1
+    w_bits: Optional[int] = None
+    a_bits: Optional[int] = None
+    range_rule: str = 'reference'
+    ste: str = 'identity'
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool, calibrate: bool) -> jax.Array:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f'ConvBlock.activation={self.activation!r}: use one of {ACTIVATIONS}.')
+        pad = self.kernel_size // 2  # PyTorch's padding=k//2, symmetric; never 'SAME' (spec 9.12)
+        x = nn.Conv(self.features, (self.kernel_size, self.kernel_size), strides=self.strides,
+                    padding=((pad, pad), (pad, pad)), feature_group_count=self.groups, use_bias=False,
+                    kernel_init=kaiming_uniform_init,
+                    conv_general_dilated=quant.quantized_conv(self.w_bits, self.ste), name='conv')(x)
+        keep(self, 'bn_inputs', 'input', x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                         use_fast_variance=False, name='bn')(x)
+        if self.activation is not None:
+            x = nn.relu(x) if self.activation == 'relu' else nn.relu6(x)
+            x = quant.QuantAct(self.a_bits, self.range_rule, self.ste, name='act_quant')(x, calibrate)
+        return x
+
+
+def pooled_dense_head(x: jax.Array, num_classes: int, w_bits, ste: str) -> jax.Array:
+    """The ResNets' classifier: the global mean of the last feature map (B, H, W, C), then a
+    Dense 'output' layer with PyTorch's default init, its kernel fake-quantized per output
+    channel when `w_bits` is set. Call inside the network's compact __call__."""
+    x = jnp.mean(x, axis=(1, 2))
+    fan_in = x.shape[-1]
+    return nn.Dense(num_classes, kernel_init=torch_default_kernel_init, bias_init=torch_default_bias_init(fan_in),
+                    dot_general=quant.quantized_dot_general(w_bits, ste), name='output')(x)

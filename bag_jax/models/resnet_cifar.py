@@ -6,6 +6,9 @@ head are weight-quantized per output channel, the first and last layers included
 follows every ReLU. BatchNorm, the residual add, pooling and the network input stay full
 precision.
 
+Its residual unit is the ImageNet ResNet's (`resnet_imagenet.ResUnit`, basic), as in pytorchcv,
+and its conv-BN-ReLU blocks are `layers.ConvBlock`.
+
 Module names follow pytorchcv's state-dict keys (`features.stage2.unit1.body.conv1.conv.weight`
 is `stage2_unit1/conv1/conv/kernel`), so teacher weights convert, and copy to the student, as they
 are.
@@ -23,16 +26,14 @@ from typing import Optional
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from flax import traverse_util
 
-from bag_jax import quant
 from bag_jax.models import layers
+from bag_jax.models.layers import ConvBlock
+from bag_jax.models.resnet_imagenet import ResUnit
 
 STAGE_CHANNELS = (16, 32, 64)
 INIT_CHANNELS = 16
-BN_EPSILON = 1e-5       # pytorchcv bn_eps (spec 1.2)
-BN_MOMENTUM = 0.9       # PyTorch momentum 0.1 (Flax counts the other way, spec 9.13)
 
 
 def units_per_stage(depth: int) -> int:
@@ -41,64 +42,6 @@ def units_per_stage(depth: int) -> int:
         raise ValueError(
             f'teacher.depth={depth!r} is not a basic-block CIFAR ResNet depth: use 6n+2, e.g. 20, 32, 44, 56 or 110.')
     return (depth - 2) // 6
-
-
-def _keep(module: nn.Module, collection: str, name: str, value) -> None:
-    """Stores `value` in `collection` if the caller made it mutable; never at init, never twice."""
-    if not module.is_initializing():
-        module.sow(collection, name, value, reduce_fn=lambda _, new: new, init_fn=lambda: None)
-
-
-class ConvBlock(nn.Module):
-    """conv -> BN [-> ReLU -> QuantAct]: pytorchcv's ConvBlock (bias-free conv, explicit padding)."""
-    features: int
-    kernel_size: int
-    strides: int
-    activate: bool
-    w_bits: Optional[int] = None
-    a_bits: Optional[int] = None
-    range_rule: str = 'reference'
-    ste: str = 'identity'
-
-    @nn.compact
-    def __call__(self, x, train: bool, calibrate: bool):
-        pad = self.kernel_size // 2  # PyTorch's padding=1 for 3x3, 0 for 1x1; never 'SAME' (spec 9.12)
-        x = nn.Conv(self.features, (self.kernel_size, self.kernel_size), strides=self.strides,
-                    padding=((pad, pad), (pad, pad)), use_bias=False,
-                    kernel_init=layers.kaiming_uniform_init,
-                    conv_general_dilated=quant.quantized_conv(self.w_bits, self.ste), name='conv')(x)
-        _keep(self, 'bn_inputs', 'input', x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                         use_fast_variance=False, name='bn')(x)
-        if self.activate:
-            x = nn.relu(x)
-            x = quant.QuantAct(self.a_bits, self.range_rule, self.ste, name='act_quant')(x, calibrate)
-        return x
-
-
-class ResUnit(nn.Module):
-    """pytorchcv's basic ResUnit: y = ReLU(body(x) + identity(x)), body = conv3x3-BN-ReLU-conv3x3-BN."""
-    features: int
-    strides: int
-    w_bits: Optional[int] = None
-    a_bits: Optional[int] = None
-    range_rule: str = 'reference'
-    ste: str = 'identity'
-
-    @nn.compact
-    def __call__(self, x, train: bool, calibrate: bool):
-        q = dict(w_bits=self.w_bits, a_bits=self.a_bits, range_rule=self.range_rule, ste=self.ste)
-        branch = ConvBlock(self.features, 3, self.strides, True, **q, name='conv1')(x, train, calibrate)
-        branch = ConvBlock(self.features, 3, 1, False, **q, name='conv2')(branch, train, calibrate)
-        if x.shape[-1] != self.features or self.strides != 1:
-            identity = ConvBlock(self.features, 1, self.strides, False, **q, name='identity_conv')(x, train, calibrate)
-        else:
-            identity = x
-        _keep(self, 'features', 'branch', branch)
-        y = nn.relu(branch + identity)
-        y = quant.QuantAct(self.a_bits, self.range_rule, self.ste, name='act_quant')(y, calibrate)
-        _keep(self, 'features', 'out', y)
-        return y
 
 
 class ResNetCifar(nn.Module):
@@ -122,17 +65,14 @@ class ResNetCifar(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False, calibrate: bool = False) -> jax.Array:
         n = units_per_stage(self.depth)
         q = dict(w_bits=self.w_bits, a_bits=self.a_bits, range_rule=self.range_rule, ste=self.ste)
-        x = ConvBlock(INIT_CHANNELS, 3, 1, True, **q, name='init_block')(x, train, calibrate)
+        x = ConvBlock(INIT_CHANNELS, 3, 1, 'relu', **q, name='init_block')(x, train, calibrate)
         for stage, channels in enumerate(STAGE_CHANNELS, start=1):
             for unit in range(1, n + 1):
                 strides = 2 if (unit == 1 and stage > 1) else 1
-                x = ResUnit(channels, strides, **q, name=f'stage{stage}_unit{unit}')(x, train, calibrate)
+                x = ResUnit(channels, strides, bottleneck=False, **q,
+                            name=f'stage{stage}_unit{unit}')(x, train, calibrate)
         # pytorchcv's AvgPool2d(8) on the 8x8 map of a 32x32 input; a global mean for any size.
-        x = jnp.mean(x, axis=(1, 2))
-        fan_in = x.shape[-1]
-        return nn.Dense(self.num_classes, kernel_init=layers.torch_default_kernel_init,
-                        bias_init=layers.torch_default_bias_init(fan_in),
-                        dot_general=quant.quantized_dot_general(self.w_bits, self.ste), name='output')(x)
+        return layers.pooled_dense_head(x, self.num_classes, self.w_bits, self.ste)
 
 
 def bn_input_pairs(bn_inputs, batch_stats) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
