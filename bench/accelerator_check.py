@@ -1,5 +1,6 @@
 """The accelerator check: the real BAG W3A3 CIFAR-100 step at batch 16 and 200, one seed and
-eight, with the projected wall time of a full 400-epoch x 200-iteration run.
+eight, and the W4A4 ImageNet steps (ResNet-18, ResNet-50, MobileNetV2 at 224x224, batch 16),
+with the projected wall time of a full 400-epoch x 200-iteration run.
 
     python bench/accelerator_check.py [--steps=50] [--repeats=3] [--method=bag]
 
@@ -15,30 +16,37 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 from bag_jax import bench  # noqa: E402
-from configs import cifar100_w3a3  # noqa: E402
+from configs import cifar100_w3a3, imagenet_mobilenetv2_w4a4, imagenet_resnet18_w4a4, imagenet_resnet50_w4a4  # noqa: E402,E501
 
 _STEPS = flags.DEFINE_integer('steps', 50, 'Iterations per timed call.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed calls.')
 _METHOD = flags.DEFINE_string('method', 'bag', 'gdfq, adadfq or bag.')
-SETTINGS = [(16, 1), (16, 8), (200, 1), (200, 8)]
+# (label, config module, batch, seeds); the ImageNet teachers are the zoo architectures with
+# random weights (no download, no data).
+SETTINGS = [('ResNet-20 / CIFAR-100 W3A3', cifar100_w3a3, 16, 1), ('ResNet-20 / CIFAR-100 W3A3', cifar100_w3a3, 16, 8),
+            ('ResNet-20 / CIFAR-100 W3A3', cifar100_w3a3, 200, 1), ('ResNet-20 / CIFAR-100 W3A3', cifar100_w3a3, 200, 8),
+            ('ResNet-18 / ImageNet W4A4', imagenet_resnet18_w4a4, 16, 1),
+            ('MobileNetV2 / ImageNet W4A4', imagenet_mobilenetv2_w4a4, 16, 1),
+            ('ResNet-50 / ImageNet W4A4', imagenet_resnet50_w4a4, 16, 1)]
 
 
 def main(argv):
     rows = []
-    for batch, seeds in SETTINGS:
-        c = cifar100_w3a3.get_config(_METHOD.value)
+    for label, module, batch, seeds in SETTINGS:
+        c = module.get_config(_METHOD.value)
         c.batch_size, c.num_seeds = batch, seeds
         r = bench.run_bench(c, _STEPS.value, _REPEATS.value)
         iterations = c.epochs * c.iters_per_epoch    # run_bench leaves the config as it was
         r['projected_full_run_min'] = r['step_s_median'] * iterations / 60
+        r['label'] = label
         print(r, flush=True)
         rows.append(r)
-    print(f'\n{rows[0]["device_kind"]} x {rows[0]["device_count"]}, {_METHOD.value} W3A3, ResNet-20 / CIFAR-100 shapes\n')
-    print('| batch | seeds | s / iteration | images / s | device peak memory | full run (epochs x iters_per_epoch, all seeds) |')
-    print('| --- | --- | --- | --- | --- | --- |')
+    print(f'\n{rows[0]["device_kind"]} x {rows[0]["device_count"]}, {_METHOD.value}\n')
+    print('| network / data | batch | seeds | s / iteration | images / s | device peak memory | full run (epochs x iters_per_epoch, all seeds) |')
+    print('| --- | --- | --- | --- | --- | --- | --- |')
     for r in rows:
         mem = f'{r["device_peak_bytes"] / 2**30:.2f} GiB' if r['device_peak_bytes'] else 'n/a'
-        print(f'| {r["batch_size"]} | {r["num_seeds"]} | {r["step_s_median"]:.4f} | {r["images_per_s"]:.0f} | {mem} | '
+        print(f'| {r["label"]} | {r["batch_size"]} | {r["num_seeds"]} | {r["step_s_median"]:.4f} | {r["images_per_s"]:.0f} | {mem} | '
               f'{r["projected_full_run_min"]:.1f} min |')
 
 
