@@ -102,7 +102,8 @@ def time_parts(setup: dfq.Setup, state: dfq.DFQState, teacher_variables, repeats
         'teacher_fwd': (jax.jit(teacher_fwd), (teacher_variables, x)),
         'student_fwd': (jax.jit(lambda v, x: setup.student.apply(v, x)), (stu_vars, x)),
         'student_step': (jax.jit(student_step), (one.stu_params, x)),
-        'iteration': (jax.jit(lambda s, t: dfq.train_iteration(setup, s, t, jnp.int32(setup.warmup_epochs))),
+        'iteration': (jax.jit(lambda s, t: dfq.train_iteration(setup, s, t, jnp.int32(setup.warmup_epochs),
+                                                               dfq.phase_of(setup, setup.warmup_epochs))),
                       (one, teacher_variables)),
     }
 

@@ -21,6 +21,7 @@ Methods (`config.method`; each part of BAG switches off on its own):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -162,12 +163,37 @@ def distilled_features(collections, layers: str) -> list[jax.Array]:
 
 
 def _sown_collections(setup: Setup) -> list[str]:
-    uses_ca = setup.loss['channel_attention'] > 0
-    return ['features'] if uses_ca and setup.loss['channel_attention_layers'] != 'conv' else []
+    """The collections the networks sow for channel attention: 'features' or 'bn_inputs' or none."""
+    if setup.loss['channel_attention'] <= 0:
+        return []
+    return ['bn_inputs'] if setup.loss['channel_attention_layers'] == 'conv' else ['features']
 
 
-def train_iteration(setup: Setup, state: DFQState, teacher_variables, epoch, data_sharding=None):
-    """One GDFQ/AdaDFQ/BAG iteration for one seed. Returns (state, metrics of scalars)."""
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """What an epoch's iterations do, fixed when its program is compiled (one program per phase,
+    so no phase pays for another's work: no range reductions once the ranges are frozen, no
+    student gradient during warm-up)."""
+    calibrate: bool        # the activation ranges update: the first calibration_epochs
+    train_student: bool    # the student steps: from warmup_epochs on
+
+
+def phase_of(setup: Setup, epoch: int) -> Phase:
+    """The phase of (0-based) `epoch`."""
+    return Phase(calibrate=epoch < setup.calibration_epochs, train_student=epoch >= setup.warmup_epochs)
+
+
+def train_iteration(setup: Setup, state: DFQState, teacher_variables, epoch, phase: Phase, data_sharding=None):
+    """One GDFQ/AdaDFQ/BAG iteration for one seed in `phase` (static); `epoch` (traced) sets the
+    learning rates. Returns (state, metrics of scalars).
+
+    The generator's gradient is assembled from the pieces' VJPs: G's, P's (teacher logits and BN
+    statistics) and, for AdaDFQ/BAG, Q's (the student's logits) with respect to the images. Once
+    the ranges are frozen, the student step runs on the same images with the same parameters and
+    ranges, so it reuses that one student forward and takes the parameters' VJP from it. While
+    they calibrate, the reference updates them in both forwards (spec 5.2), so the student step
+    runs its own forward on the updated ranges.
+    """
     L = setup.loss
     key = jax.random.fold_in(state.rng, state.step)
     z_key, y_key = jax.random.split(key)
@@ -175,66 +201,72 @@ def train_iteration(setup: Setup, state: DFQState, teacher_variables, epoch, dat
     y = jax.random.randint(y_key, (setup.batch_size,), 0, setup.num_classes)
     if data_sharding is not None:
         z, y = jax.lax.with_sharding_constraint((z, y), data_sharding)
-    calibrate = epoch < setup.calibration_epochs
-    train_student = epoch >= setup.warmup_epochs
-    uses_ca = L['channel_attention'] > 0
     sown = _sown_collections(setup)
+    layers = L['channel_attention_layers']
     teacher_stats = teacher_variables['batch_stats']
 
-    def student_apply(params, quant_stats, x, extra=()):
-        return setup.student.apply({'params': params, 'batch_stats': teacher_stats, 'quant_stats': quant_stats}, x,
-                                   calibrate=calibrate, mutable=['quant_stats', *extra])
+    def generate(gen_params):
+        x, col = setup.generator.apply({'params': gen_params, 'quant_stats': state.gen_quant_stats}, z, y,
+                                       calibrate=phase.calibrate, mutable=['quant_stats'])
+        return x, col.get('quant_stats', {})
+
+    def teacher_forward(x):
+        t, col = setup.teacher.apply(teacher_variables, x, mutable=sorted({'bn_inputs', *sown}))
+        return (t, losses.bns_loss(bn_input_pairs(col['bn_inputs'], teacher_stats))), col
+
+    def student_forward(params, x, quant_stats):
+        s, col = setup.student.apply({'params': params, 'batch_stats': teacher_stats, 'quant_stats': quant_stats}, x,
+                                     calibrate=phase.calibrate, mutable=['quant_stats', *sown])
+        return (s, {c: col[c] for c in sown}), col['quant_stats']
 
     # Generator step: through the teacher (and, for AdaDFQ/BAG, the student's fake quantizers).
-    def generator_loss(gen_params):
-        x, gen_col = setup.generator.apply({'params': gen_params, 'quant_stats': state.gen_quant_stats}, z, y,
-                                           calibrate=calibrate, mutable=['quant_stats'])
-        t, t_col = setup.teacher.apply(teacher_variables, x, mutable=['bn_inputs', *sown])
-        bns = losses.bns_loss(bn_input_pairs(t_col['bn_inputs'], teacher_stats))
-        if setup.method == 'gdfq':
-            loss = losses.gdfq_generator_loss(t, y, bns, L['bns'])
-            stu_quant_stats = state.stu_quant_stats
-        else:
-            s, s_col = student_apply(jax.lax.stop_gradient(state.stu_params), state.stu_quant_stats, x)
-            loss = losses.adadfq_generator_loss(t, s, y, bns, lambda_l=L['lambda_l'], lambda_u=L['lambda_u'],
-                                                alpha_ds=L['alpha_ds'], alpha_as=L['alpha_as'],
-                                                balance=L['balance'], bns_weight=L['bns'])
-            stu_quant_stats = s_col['quant_stats']
-        return loss, (x, t, t_col, gen_col.get('quant_stats', {}), stu_quant_stats, bns)
-
-    (loss_g, aux), gen_grads = jax.value_and_grad(generator_loss, has_aux=True)(state.gen_params)
-    x, t, t_col, gen_quant_stats, stu_quant_stats, bns = aux
+    x, generator_vjp, gen_quant_stats = jax.vjp(generate, state.gen_params, has_aux=True)
+    (t, bns), teacher_vjp, t_col = jax.vjp(teacher_forward, x, has_aux=True)
+    stu_quant_stats = state.stu_quant_stats
+    if setup.method == 'gdfq':
+        loss_g, (dt, dbns) = jax.value_and_grad(
+            lambda t, bns: losses.gdfq_generator_loss(t, y, bns, L['bns']), argnums=(0, 1))(t, bns)
+        dx = teacher_vjp((dt, dbns))[0]
+    else:
+        (s, s_col), student_vjp, stu_quant_stats = jax.vjp(
+            lambda p, x: student_forward(p, x, state.stu_quant_stats), state.stu_params, x, has_aux=True)
+        loss_g, (dt, dbns, ds) = jax.value_and_grad(
+            lambda t, bns, s: losses.adadfq_generator_loss(
+                t, s, y, bns, lambda_l=L['lambda_l'], lambda_u=L['lambda_u'], alpha_ds=L['alpha_ds'],
+                alpha_as=L['alpha_as'], balance=L['balance'], bns_weight=L['bns']), argnums=(0, 1, 2))(t, bns, s)
+        dx = teacher_vjp((dt, dbns))[0] + student_vjp((ds, jax.tree.map(jnp.zeros_like, s_col)))[1]
+    gen_grads, = generator_vjp(dx)
     gen_lr = learning_rate(setup.generator_lr, epoch, setup.lr_milestones, setup.lr_decay)
     gen_updates, gen_opt_state = setup.generator_tx.update(gen_grads, state.gen_opt_state, state.gen_params)
     gen_params = optax.apply_updates(state.gen_params, jax.tree.map(lambda u: -gen_lr * u, gen_updates))
 
     # Student step on the same batch, detached, with the teacher's logits and features (spec 9.10).
-    x, t = jax.lax.stop_gradient(x), jax.lax.stop_gradient(t)
-    layers = L['channel_attention_layers']
+    if setup.method == 'gdfq' or phase.calibrate:
+        (s, s_col), params_vjp, stu_quant_stats = jax.vjp(
+            lambda p: student_forward(p, jax.lax.stop_gradient(x), stu_quant_stats), state.stu_params, has_aux=True)
+    else:   # the generator step's forward: same images, parameters and (frozen) ranges
+        params_vjp = functools.partial(lambda vjp, cotangent: vjp(cotangent)[:1], student_vjp)
 
-    def student_loss(stu_params):
-        s, s_col = student_apply(stu_params, stu_quant_stats, x, (['bn_inputs'] if uses_ca and layers == 'conv' else sown))
+    def student_loss(s, s_col):
         if setup.method == 'gdfq':
             loss = losses.gdfq_student_loss(s, t, y, L['temperature'], L['kd'])
         else:
             loss = losses.adadfq_student_loss(s, t, L['temperature'])
         ca = jnp.zeros(())
-        if uses_ca:
-            ca = losses.channel_attention_loss(distilled_features(s_col, layers),
-                                               distilled_features(t_col, layers),
+        if sown:
+            ca = losses.channel_attention_loss(distilled_features(s_col, layers), distilled_features(t_col, layers),
                                                L['channel_attention_form'])
-        return loss + L['channel_attention'] * ca, (s, s_col['quant_stats'], ca)
+        return loss + L['channel_attention'] * ca, ca
 
-    (loss_s, (s, stu_quant_stats, ca)), stu_grads = jax.value_and_grad(student_loss, has_aux=True)(state.stu_params)
-    stu_lr = learning_rate(setup.student_lr, epoch, setup.lr_milestones, setup.lr_decay)
-
-    updates, opt_state = setup.student_tx.update(stu_grads, state.stu_opt_state, state.stu_params)
-    updated = optax.apply_updates(state.stu_params, jax.tree.map(lambda u: -stu_lr * u, updates))
+    t, t_col = jax.lax.stop_gradient((t, t_col))
+    (loss_s, ca), cotangents = jax.value_and_grad(student_loss, argnums=(0, 1), has_aux=True)(s, s_col)
+    stu_params, stu_opt_state = state.stu_params, state.stu_opt_state
     # The student's optimizer does not step during warm-up, so its momentum starts after it (9.14).
-    # A select rather than lax.cond: XLA:CPU would sink the gradient convolutions into the
-    # conditional's branch, where it runs them several times slower (bench/NOTES.md).
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(train_student, n, o), new, old)
-    stu_params, stu_opt_state = keep(updated, state.stu_params), keep(opt_state, state.stu_opt_state)
+    if phase.train_student:
+        stu_grads, = params_vjp(cotangents)
+        stu_lr = learning_rate(setup.student_lr, epoch, setup.lr_milestones, setup.lr_decay)
+        updates, stu_opt_state = setup.student_tx.update(stu_grads, state.stu_opt_state, state.stu_params)
+        stu_params = optax.apply_updates(state.stu_params, jax.tree.map(lambda u: -stu_lr * u, updates))
     new_state = DFQState(step=state.step + 1, rng=state.rng, gen_params=gen_params, gen_opt_state=gen_opt_state,
                          gen_quant_stats=gen_quant_stats, stu_params=stu_params, stu_opt_state=stu_opt_state,
                          stu_quant_stats=stu_quant_stats)
@@ -247,25 +279,25 @@ def train_iteration(setup: Setup, state: DFQState, teacher_variables, epoch, dat
 def make_train_epoch(setup: Setup, mesh, num_seeds: int, loop: str = 'auto') -> Callable:
     """Compiles one epoch: (state, teacher_variables, epoch) -> (state, metrics).
 
-    The metrics are epoch means, each of shape (K,); the state's buffers are donated.
+    The metrics are epoch means, each of shape (K,); the state's buffers are donated. Each phase
+    (`phase_of(epoch)`: calibration, warm-up, fine-tuning) has a program of its own, compiled the
+    first time an epoch of that phase runs; the epoch itself is a traced argument, so the
+    learning-rate milestones do not recompile.
     `loop='scan'` runs the iterations in a `lax.scan` inside one program, vmapped over the seeds.
     `loop='python'` compiles one iteration of one seed and calls it `iters_per_epoch` times per
     seed. XLA:CPU runs convolutions inside a while loop 10-70x slower than the same convolutions
     outside one, and vmapped ones several times slower than separate calls (bench/NOTES.md), so
-    'auto' takes 'python' on CPU and 'scan' on GPU and TPU. Both compile once for the whole run
-    (`epoch_fn.programs()` counts the programs traced so far).
+    'auto' takes 'python' on CPU and 'scan' on GPU and TPU. `epoch_fn.programs()` counts the
+    programs traced so far (at most one per phase).
     """
     if loop == 'auto':
         loop = 'python' if mesh.devices.flat[0].platform == 'cpu' else 'scan'
     data_sharding = parallel.batch_sharded(mesh)
     repl = parallel.replicated(mesh)
-    traced = []    # one entry per trace of the compiled function, i.e. per program
+    traced = []    # one entry per trace of a compiled function, i.e. per program
 
     def over_seeds(fn):
         return jax.vmap(fn, in_axes=(0, None, None)) if num_seeds > 1 else _with_seed_axis(fn)
-
-    def iteration(state, teacher_variables, epoch):
-        return train_iteration(setup, state, teacher_variables, epoch, data_sharding)
 
     def counted(fn):
         def wrapped(*args):
@@ -273,19 +305,27 @@ def make_train_epoch(setup: Setup, mesh, num_seeds: int, loop: str = 'auto') -> 
             return fn(*args)
         return wrapped
 
+    @functools.cache
+    def program(phase: Phase):
+        def iteration(state, teacher_variables, epoch):
+            return train_iteration(setup, state, teacher_variables, epoch, phase, data_sharding)
+
+        if loop == 'scan':
+            def one_seed(state, teacher_variables, epoch):
+                state, per_iteration = jax.lax.scan(lambda carry, _: iteration(carry, teacher_variables, epoch),
+                                                    state, None, length=setup.iters_per_epoch)
+                return state, jax.tree.map(jnp.mean, per_iteration)
+            return jax.jit(counted(over_seeds(one_seed)), donate_argnums=(0,), out_shardings=(repl, repl))
+        return jax.jit(counted(iteration), donate_argnums=(0,), out_shardings=(repl, repl))
+
     if loop == 'scan':
-        def one_seed(state, teacher_variables, epoch):
-            state, per_iteration = jax.lax.scan(lambda carry, _: iteration(carry, teacher_variables, epoch), state,
-                                                None, length=setup.iters_per_epoch)
-            return state, jax.tree.map(jnp.mean, per_iteration)
-        compiled = jax.jit(counted(over_seeds(one_seed)), donate_argnums=(0,), out_shardings=(repl, repl))
-        epoch_fn = lambda state, teacher_variables, epoch: compiled(state, teacher_variables, epoch)
+        def epoch_fn(state, teacher_variables, epoch):
+            return program(phase_of(setup, int(epoch)))(state, teacher_variables, epoch)
     else:
         # One seed per call: vmapping over seeds turns XLA:CPU's convolutions into grouped ones
         # with batched kernels, which it runs far slower than K separate calls (bench/NOTES.md).
-        compiled = jax.jit(counted(iteration), donate_argnums=(0,), out_shardings=(repl, repl))
-
         def epoch_fn(state, teacher_variables, epoch):
+            compiled = program(phase_of(setup, int(epoch)))
             seeds = [jax.tree.map(lambda a: a[k], state) for k in range(num_seeds)]
             per_iteration = [[] for _ in seeds]
             for _ in range(setup.iters_per_epoch):

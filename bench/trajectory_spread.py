@@ -65,12 +65,13 @@ def run(out: str, devices: int, teacher_dir: str) -> None:
         cc = tiny_config.get_config(method)
         cc.quant.w_bits = cc.quant.a_bits = bits
         setup = dfq.build_setup(cc, teacher_model, info)
-        iteration = jax.jit(lambda s, e: dfq.train_iteration(setup, s, teacher_variables, e, parallel.batch_sharded(mesh)))
+        iteration = jax.jit(lambda s, e, phase: dfq.train_iteration(setup, s, teacher_variables, e, phase,
+                                                                    parallel.batch_sharded(mesh)), static_argnums=2)
         one = jax.tree.map(lambda a: a[0], dfq.init_states(setup, teacher_variables, 0, 1, mesh))
         n = 0
         for epoch in range(3):
             for _ in range(cc.iters_per_epoch):
-                one, m = iteration(one, jnp.int32(epoch))
+                one, m = iteration(one, jnp.int32(epoch), dfq.phase_of(setup, epoch))
                 n += 1
                 dump.update({f'{method}{bits}_{n}:{k}': v for k, v in flat(
                     {'gen': one.gen_params, 'gen_gradient': one.gen_opt_state.mu, 'stu': one.stu_params,

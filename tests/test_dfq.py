@@ -79,8 +79,52 @@ def test_stage_out_takes_the_last_unit_of_each_stage():
     assert [int(o[0]) for o in outs] == [101, 102, 201, 202, 203, 210, 301]
 
 
+def test_phase_programs_give_the_results_of_the_traced_phases():
+    """One iteration of the calibration phase and one of fine-tuning, per method, against what the
+    step gave before each phase had its own program and the student step reused the generator
+    step's student forward (recorded by tests/make_dfq_step_fixture.py at that commit): equal to
+    rounding (tests/trajectories.py)."""
+    from tests import make_dfq_step_fixture as fixture
+    with np.load(fixture.OUT) as f:
+        before = {k: f[k] for k in f.files}
+    now = fixture.one_steps()
+    for method in fixture.METHODS:
+        pick = lambda d: {k[len(method) + 1:]: v for k, v in d.items() if k.startswith(method + '/')}
+        trajectories.assert_one_step_close(pick(now), pick(before), tiny_config().batch_size, what=f'{method}: ')
+
+
+def test_each_phase_compiles_once_and_skips_what_it_does_not_need(digits_teacher):
+    c = config_with(digits_teacher, 'adadfq', **{'warmup_epochs': 2, 'calibration_epochs': 1})
+    setup, variables = make_setup(c)
+    phases = [dfq.phase_of(setup, e) for e in range(4)]
+    assert phases == [dfq.Phase(True, False), dfq.Phase(False, False), dfq.Phase(False, True), dfq.Phase(False, True)]
+    state = dfq.init_states(setup, variables, 0, 1, parallel.make_mesh(jax.devices()[:1]))
+    one = jax.tree.map(lambda a: a[0], state)
+
+    def count(phase, op):
+        """How many `op` instructions XLA keeps in the phase's compiled iteration (dead code removed)."""
+        compiled = jax.jit(lambda s: dfq.train_iteration(setup, s, variables, jnp.int32(0), phase)).lower(one).compile()
+        return compiled.as_text().count(f' {op}(')
+
+    student_convs = 9      # depth 8: the first conv, two per unit, two 1x1 shortcuts
+    convs = {phase: count(phase, 'convolution') for phase in set(phases)}
+    # While calibrating, the student step runs its own forward; afterwards it reuses the generator
+    # step's. (XLA merges the two forwards' first conv: same images, same quantized kernel.)
+    assert student_convs - 1 <= convs[dfq.Phase(True, False)] - convs[dfq.Phase(False, False)] <= student_convs
+    # Only a training student has a backward pass of its own: its loss's cotangent through every
+    # conv but the first (input gradients) and a kernel gradient for every conv.
+    assert convs[dfq.Phase(False, True)] - convs[dfq.Phase(False, False)] == 2 * student_convs - 1
+    # Frozen ranges are not reduced: the calibrating program has more min/max reductions.
+    assert count(dfq.Phase(True, False), 'reduce') > count(dfq.Phase(False, False), 'reduce')
+    epoch_fn = dfq.make_train_epoch(setup, parallel.make_mesh(jax.devices()[:1]), 1, loop='python')
+    teacher_vars = parallel.replicate(variables, parallel.make_mesh(jax.devices()[:1]))
+    for epoch in range(4):
+        state, _ = epoch_fn(state, teacher_vars, jnp.int32(epoch))
+    assert epoch_fn.programs() == 3
+
+
 def run_iteration(setup, variables, state, epoch):
-    return jax.jit(lambda s: dfq.train_iteration(setup, s, variables, jnp.int32(epoch)))(state)
+    return jax.jit(lambda s: dfq.train_iteration(setup, s, variables, jnp.int32(epoch), dfq.phase_of(setup, epoch)))(state)
 
 
 @pytest.mark.parametrize('method,updates_per_iteration', [('adadfq', 2), ('bag', 2), ('gdfq', 1)])
@@ -137,7 +181,7 @@ def test_one_program_for_every_epoch_and_sharding_gives_the_single_device_result
         teacher_vars = parallel.replicate(variables, mesh)
         for epoch in range(3):
             state, _ = epoch_fn(state, teacher_vars, jnp.int32(epoch))
-        assert epoch_fn.programs() == 1, 'recompiled across epochs'
+        assert epoch_fn.programs() == 2, 'not one program per phase'   # calibration, fine-tuning
         results[name] = parallel.to_host(state)
     four, one = results['four'], results['one']
     assert int(four.step[0]) == int(one.step[0]) == 3 * c.iters_per_epoch
