@@ -82,15 +82,16 @@ def test_stage_out_takes_the_last_unit_of_each_stage():
 def test_phase_programs_give_the_results_of_the_traced_phases():
     """One iteration of the calibration phase and one of fine-tuning, per method, against what the
     step gave before each phase had its own program and the student step reused the generator
-    step's student forward (recorded by tests/make_dfq_step_fixture.py at that commit): equal to
-    rounding (tests/trajectories.py)."""
+    step's student forward (recorded by tests/make_dfq_step_fixture.py at that commit, on an
+    AVX-512 CPU): equal to rounding, that of another CPU included (tests/trajectories.py)."""
     from tests import make_dfq_step_fixture as fixture
     with np.load(fixture.OUT) as f:
         before = {k: f[k] for k in f.files}
     now = fixture.one_steps()
     for method in fixture.METHODS:
         pick = lambda d: {k[len(method) + 1:]: v for k, v in d.items() if k.startswith(method + '/')}
-        trajectories.assert_one_step_close(pick(now), pick(before), tiny_config().batch_size, what=f'{method}: ')
+        trajectories.assert_one_step_close(pick(now), pick(before), tiny_config().batch_size, what=f'{method}: ',
+                                           tol=trajectories.FIXTURE_ONE_STEP_SPREAD)
 
 
 def test_each_phase_compiles_once_and_skips_what_it_does_not_need(digits_teacher):

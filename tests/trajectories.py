@@ -42,6 +42,11 @@ WHOLE_RUN_PARAMETER_SPREAD = 0.25     # teacher training, 42 steps (measured 0.0
 WHOLE_RUN_STUDENT_SPREAD = 1e-2       # student weights, a few iterations (measured 6.5e-4)
 WHOLE_RUN_RANGE_SPREAD = 5e-2         # student activation ranges (measured 1.3e-2)
 WHOLE_RUN_ACCURACY_SPREAD = 5.0       # percentage points, 22 of the 450 test digits (measured 2.44)
+# One step from a state initialized on another CPU (a recorded fixture): the initial parameters
+# differ in their last bits too, and a student activation that sits on a quantization boundary
+# can step to the next level. BAG's calibration step recorded on AVX-512 and recomputed under
+# SSE4.2 differed by 1.9e-4 of the generator gradient's largest element (AVX2: within 1e-4).
+FIXTURE_ONE_STEP_SPREAD = 2e-3
 
 
 def flat(tree) -> dict[str, np.ndarray]:
@@ -101,7 +106,7 @@ def sgd_gradient(opt_state):
     return optax.tree_utils.tree_get(opt_state, 'trace')
 
 
-def assert_one_step_close(a: dict, b: dict, batch_size: int, what: str = '') -> None:
+def assert_one_step_close(a: dict, b: dict, batch_size: int, what: str = '', tol: float = ONE_STEP_SPREAD) -> None:
     """Compares two one-step results (`dfq_one_step`, tests/multiprocess_worker.py): batch
     fractions (teacher accuracy on the generated images, teacher-student agreement) within one
     sample; gradients and updates to rounding of the largest element of each; the rest (losses,
@@ -117,4 +122,4 @@ def assert_one_step_close(a: dict, b: dict, batch_size: int, what: str = '') -> 
         == set(b), (what, sorted(set(a) ^ set(b)))
     for group, arrays in groups.items():
         assert_rounding_close({n: x for n, (x, _) in arrays.items()}, {n: y for n, (_, y) in arrays.items()},
-                              ONE_STEP_SPREAD, what, per_array=len(arrays) == 1)
+                              tol, what, per_array=len(arrays) == 1)
