@@ -531,11 +531,6 @@ def _cifar_info(dataset: str, num_classes: int) -> data.DatasetInfo:
     return info
 
 
-def teacher_meta(dataset: str, depth: int, num_classes: int, source: str) -> dict[str, Any]:
-    """The `teacher.json` metadata of a converted pytorchcv CIFAR ResNet (see bag_jax.checkpoint)."""
-    return checkpoint.model_meta(_cifar_info(dataset, num_classes), ResNetCifar(num_classes, depth), source)
-
-
 def dataset_info(model, dataset: Optional[str], path: str) -> data.DatasetInfo:
     """The data a converted `model` takes: imagenet2012 for the ImageNet networks; for a CIFAR
     ResNet `dataset`, else the one in the file name `path`. ValueError when it cannot be told or

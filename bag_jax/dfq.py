@@ -258,7 +258,6 @@ def train_iteration(setup: Setup, state: DFQState, teacher_variables, epoch, pha
                                                L['channel_attention_form'])
         return loss + L['channel_attention'] * ca, ca
 
-    t, t_col = jax.lax.stop_gradient((t, t_col))
     (loss_s, ca), cotangents = jax.value_and_grad(student_loss, argnums=(0, 1), has_aux=True)(s, s_col)
     stu_params, stu_opt_state = state.stu_params, state.stu_opt_state
     # The student's optimizer does not step during warm-up, so its momentum starts after it (9.14).

@@ -58,9 +58,7 @@ def run_evaluation(config, workdir: str) -> dict[str, float]:
     `workdir/summary.json`. Returns the summary. ImageNet-style data (imagenet2012, imagefolder)
     may use another crop size than the checkpoint records (data.image_size)."""
     validation.check_divisible(config.eval_batch_size, jax.device_count(), 'eval_batch_size')
-    directory = config.checkpoint
-    if zoo.is_zoo_spec(directory):       # pytorchcv:NAME: the zoo's teacher, fetched and converted once
-        directory = zoo.teacher_checkpoint(directory)
+    directory = zoo.checkpoint_directory(config.checkpoint)     # pytorchcv:NAME: the zoo's teacher
     kind, model, variables, meta = checkpoint.load_model(directory, field='checkpoint')
     data_config = config.data.copy_and_resolve_references()
     with data_config.unlocked():

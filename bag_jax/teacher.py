@@ -140,10 +140,8 @@ def ensure_teacher(config, workdir: str, dataset: data.ArrayDataset | None = Non
     """The teacher a quantization run uses: `config.teacher.checkpoint` if set (a directory, or
     'pytorchcv:NAME': the zoo file, fetched and converted once, `bag_jax.zoo`), else a finished
     teacher in `workdir/teacher`, else one trained there now. Returns its directory."""
-    if zoo.is_zoo_spec(config.teacher.checkpoint):
-        return zoo.teacher_checkpoint(config.teacher.checkpoint)
     if config.teacher.checkpoint:
-        return config.teacher.checkpoint
+        return zoo.checkpoint_directory(config.teacher.checkpoint)
     directory = os.path.join(workdir, TEACHER_DIR)
     if checkpoint.is_teacher_checkpoint(directory):
         logging.info('using the teacher already trained in %s', directory)

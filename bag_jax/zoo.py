@@ -271,6 +271,12 @@ def teacher_checkpoint(spec: str, cache_dir: str | None = None, timeout: float =
     return directory
 
 
+def checkpoint_directory(value: str) -> str:
+    """The directory a checkpoint field (teacher.checkpoint, the evaluate mode's checkpoint) names:
+    the value itself, or for 'pytorchcv:NAME' the zoo teacher, fetched and converted on first use."""
+    return teacher_checkpoint(value) if is_zoo_spec(value) else value
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status (errors are one line on stderr)."""
     parser = argparse.ArgumentParser(

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from bag_jax import checkpoint, convert
+from bag_jax.models import ResNetCifar
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -197,12 +198,13 @@ def test_infer_dataset(name, dataset):
     assert convert.infer_dataset(name) == dataset
 
 
-def test_teacher_meta_cifar100_and_unknown_dataset():
-    meta = convert.teacher_meta('cifar100', 20, 100, 'resnet20_cifar100-2964-a5322afe.pth')
-    assert meta['data']['mean'] == [0.50705882, 0.48666667, 0.44078431]
-    assert meta['data']['std'] == [0.26745098, 0.25568627, 0.27607843]
+def test_dataset_info_cifar100_and_unknown_dataset():
+    for dataset, path in ((None, 'resnet20_cifar100-2964-a5322afe.pth'), ('cifar100', 'x.pth')):
+        info = convert.dataset_info(ResNetCifar(num_classes=100, depth=20), dataset, path)
+        assert list(info.mean) == [0.50705882, 0.48666667, 0.44078431]
+        assert list(info.std) == [0.26745098, 0.25568627, 0.27607843]
     with pytest.raises(ValueError, match="dataset='svhn'.*cifar10"):
-        convert.teacher_meta('svhn', 20, 10, 'x.pth')
+        convert.dataset_info(ResNetCifar(num_classes=10, depth=20), 'svhn', 'x.pth')
 
 
 # ------------------------------------------------------------------------------------------
