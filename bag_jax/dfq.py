@@ -315,7 +315,10 @@ def make_train_epoch(setup: Setup, mesh, num_seeds: int, loop: str = 'auto') -> 
                                                     state, None, length=setup.iters_per_epoch)
                 return state, jax.tree.map(jnp.mean, per_iteration)
             return jax.jit(counted(over_seeds(one_seed)), donate_argnums=(0,), out_shardings=(repl, repl))
-        return jax.jit(counted(iteration), donate_argnums=(0,), out_shardings=(repl, repl))
+        # One seed keeps its seed axis through the program (a free reshape there), so no epoch
+        # slices and restacks the ~300 arrays of the state on the host.
+        one = iteration if num_seeds > 1 else _with_seed_axis(iteration)
+        return jax.jit(counted(one), donate_argnums=(0,), out_shardings=(repl, repl))
 
     if loop == 'scan':
         def epoch_fn(state, teacher_variables, epoch):
@@ -325,6 +328,12 @@ def make_train_epoch(setup: Setup, mesh, num_seeds: int, loop: str = 'auto') -> 
         # with batched kernels, which it runs far slower than K separate calls (bench/NOTES.md).
         def epoch_fn(state, teacher_variables, epoch):
             compiled = program(phase_of(setup, int(epoch)))
+            if num_seeds == 1:
+                per_iteration = []
+                for _ in range(setup.iters_per_epoch):
+                    state, step_metrics = compiled(state, teacher_variables, epoch)
+                    per_iteration.append(step_metrics)
+                return state, jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs), axis=0), *per_iteration)
             seeds = [jax.tree.map(lambda a: a[k], state) for k in range(num_seeds)]
             per_iteration = [[] for _ in seeds]
             for _ in range(setup.iters_per_epoch):
