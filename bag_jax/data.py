@@ -243,9 +243,9 @@ def load_dataset(data_config, *, process_index: int | None = None,
     info = DatasetInfo(name=name, num_classes=num_classes, image_shape=x_train.shape[1:],
                        mean=mean, std=std, augment='none')   # a flip changes a digit
     # A contiguous share, laid out as tfds.even_splits lays out the tfds test splits.
-    share = np.array_split(np.arange(len(x_test)), process_count)[process_index]
-    ds = ArrayDataset(info=info, x_train=x_train, y_train=y_train, x_test=x_test[share],
-                      y_test=y_test[share], num_test_total=len(x_test))
+    start, stop = _share_bounds(len(x_test), process_index, process_count)
+    ds = ArrayDataset(info=info, x_train=x_train, y_train=y_train, x_test=x_test[start:stop],
+                      y_test=y_test[start:stop], num_test_total=len(x_test))
     _log_loaded(ds, process_index, process_count)
     return ds
 

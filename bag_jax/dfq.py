@@ -28,6 +28,7 @@ import time
 from typing import Any, Callable
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,11 +36,9 @@ import optax
 from absl import logging
 from tqdm import tqdm
 
-from bag_jax import checkpoint, data, evaluate, losses, metrics, parallel, quant, teacher, validation
-import flax.linen as nn
-
-from bag_jax import models
+from bag_jax import checkpoint, data, evaluate, losses, metrics, models, parallel, quant, teacher, validation
 from bag_jax.models import Generator, bn_input_pairs, unit_features
+from bag_jax.models.resnet_cifar import unit_index
 
 DFQ_STATE_DIR = 'dfq_state'
 IMAGES_DIR = 'images'
@@ -156,8 +155,7 @@ def distilled_features(collections, layers: str) -> list[jax.Array]:
     if layers == 'unit_out':
         return unit_features(features, 'out')
     last = {}
-    for name in features:
-        stage, unit = (int(s) for s in name.replace('stage', '').split('_unit'))
+    for stage, unit in map(unit_index, features):
         last[stage] = max(last.get(stage, 0), unit)
     return [features[f'stage{stage}_unit{unit}']['out'] for stage, unit in sorted(last.items())]
 

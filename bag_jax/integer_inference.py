@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bag_jax import models, quant
+from bag_jax import data, models, quant
 from bag_jax.models.layers import BN_EPSILON
 from bag_jax.models.resnet_cifar import units_per_stage
 
@@ -192,11 +192,10 @@ def dequantized_forward(arrays: dict[str, Any], meta: dict[str, Any]) -> Callabl
             params[tuple(name.split('/'))] = jnp.asarray(value)
     unflatten = flax.traverse_util.unflatten_dict
     variables = {'params': unflatten(params), 'batch_stats': unflatten(stats), 'quant_stats': unflatten(ranges)}
-    mean = jnp.asarray(meta['data']['mean'], jnp.float32)
-    std = jnp.asarray(meta['data']['std'], jnp.float32)
+    info = data.DatasetInfo.from_dict(meta['data'])
 
     def forward(images: jax.Array) -> jax.Array:
-        return model.apply(variables, (images.astype(jnp.float32) / 255.0 - mean) / std)   # data.normalize
+        return model.apply(variables, data.normalize(images, info))
     return forward
 
 
@@ -205,12 +204,11 @@ def integer_forward(arrays: dict[str, Any], meta: dict[str, Any]) -> Callable[[j
     _, a_bits = check_student(meta, 'the student')      # the weights' grid is already in their q
     depth = int(meta['depth'])
     n = units_per_stage(depth)
-    mean = jnp.asarray(meta['data']['mean'], jnp.float32)
-    std = jnp.asarray(meta['data']['std'], jnp.float32)
+    info = data.DatasetInfo.from_dict(meta['data'])
     arrays = {k: jnp.asarray(v) for k, v in arrays.items()}
 
     def forward(images: jax.Array) -> jax.Array:
-        x = (images.astype(jnp.float32) / 255.0 - mean) / std          # data.normalize
+        x = data.normalize(images, info)
         x = _conv(x, _dequantized_kernel(arrays, 'init_block/conv'), 1, 1)
         x = jax.nn.relu(_batch_norm(arrays, 'init_block/bn', x))
         a = _quantize(arrays, 'init_block/act_quant', x, a_bits)

@@ -90,7 +90,12 @@ def bn_input_pairs(bn_inputs, batch_stats) -> list[tuple[jax.Array, jax.Array, j
     return pairs
 
 
+def unit_index(name: str) -> tuple[int, int]:
+    """(stage, unit) of a unit module named `stage{S}_unit{U}` (every architecture names its units so)."""
+    stage, unit = name.replace('stage', '').split('_unit')
+    return int(stage), int(unit)
+
+
 def unit_features(features, kind: str = 'branch') -> list[jax.Array]:
     """The sown residual-unit tensors of one kind ('branch' or 'out'), in network order."""
-    units = sorted(features, key=lambda name: tuple(int(s) for s in name.replace('stage', '').split('_unit')))
-    return [features[name][kind] for name in units]
+    return [features[name][kind] for name in sorted(features, key=unit_index)]
