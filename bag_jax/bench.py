@@ -5,9 +5,12 @@
 It builds the epoch function of `--steps` iterations that training runs (`dfq.make_train_epoch`),
 runs it once to compile (compile_s = that call less a timed one) and `--repeats` times more, and
 prints per-iteration times. The last line printed is
-one JSON object: step_s_median, step_s_min, compile_s, images_per_s, peak_rss_mb, device_kind,
-device_count, device_peak_bytes (where the backend reports it), plus the settings. `--parts`
-also times the pieces of an iteration separately (see `time_parts`).
+one JSON object: step_s_median (one iteration of all runs), step_s_min, step_s_per_run,
+compile_s, images_per_s (all runs) and images_per_s_per_run, flops_per_iteration (XLA's cost
+analysis, all runs, all devices) and flops_per_s (achieved), peak_rss_mb, device_kind,
+device_count, device_peak_bytes (where the backend reports it), plus the settings. The config's
+num_seeds, sweep and data_parallel choose the runs and the mesh as in training
+(bag_jax.sweep). `--parts` also times the pieces of an iteration separately (see `time_parts`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from bag_jax import data, dfq, losses, parallel, validation
+from bag_jax import data, dfq, losses, parallel, sweep, validation
 from bag_jax import models
 from bag_jax.models import bn_input_pairs
 
@@ -124,14 +127,16 @@ def run_bench(config, steps: int, repeats: int, parts: bool = False) -> dict:
     with config.unlocked():
         config.iters_per_epoch = steps
     validation.validate_quantize(config)
-    validation.check_divisible(config.batch_size, jax.device_count(), 'batch_size')
+    runs = sweep.runs_of(config)
+    K = len(runs)
+    rows, per_run = sweep.device_split(config, K, jax.device_count())
     info = bench_info(config)
     teacher_model, teacher_host = random_teacher(info, teacher_architecture(config, info), config.seed)
     setup = dfq.build_setup(config, teacher_model, info)
-    mesh = parallel.make_mesh()
-    K = config.num_seeds
+    mesh = parallel.make_mesh(runs=rows)
     teacher_variables = parallel.replicate(teacher_host, mesh)
-    state = dfq.init_states(setup, teacher_host, config.seed, K, mesh)
+    state = dfq.init_states(setup, teacher_host, config.seed, K, mesh, seeds=[r.seed for r in runs],
+                            hparams=sweep.hyperparameters(config))
     train_epoch = dfq.make_train_epoch(setup, mesh, K, config.epoch_loop)
     # The first call compiles and calibrates the activation ranges (epoch 0); the timed calls run
     # an epoch after warm-up, where both networks step (the same program: the epoch is traced).
@@ -147,16 +152,22 @@ def run_bench(config, steps: int, repeats: int, parts: bool = False) -> dict:
         _block((state, m))
         times.append((time.perf_counter() - t0) / steps)
     compile_s = first_s - statistics.median(times) * steps
+    flops = train_epoch.iteration_flops(state, teacher_variables, epoch)
     if not all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(parallel.to_host(m))):
         raise FloatingPointError('the benchmarked step produced non-finite losses')
     device = jax.devices()[0]
     memory = device.memory_stats() or {}
     result = {
         'method': config.method, 'w_bits': config.quant.w_bits, 'a_bits': config.quant.a_bits,
-        'batch_size': config.batch_size, 'num_seeds': K, 'steps': steps, 'repeats': repeats,
+        'batch_size': config.batch_size, 'num_seeds': config.num_seeds, 'num_runs': K,
+        'sweep': {field: list(values) for field, values in sweep.sweep_of(config).items()},
+        'mesh_runs': rows, 'mesh_data': per_run, 'steps': steps, 'repeats': repeats,
         'epoch_loop': train_epoch.loop,
         'step_s_median': statistics.median(times), 'step_s_min': min(times), 'compile_s': compile_s,
+        'step_s_per_run': statistics.median(times) / K,
         'images_per_s': config.batch_size * K / statistics.median(times),
+        'images_per_s_per_run': config.batch_size / statistics.median(times),
+        'flops_per_iteration': flops, 'flops_per_s': flops / statistics.median(times),
         'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         'device_kind': device.device_kind, 'device_count': jax.device_count(),
         'device_peak_bytes': memory.get('peak_bytes_in_use'),

@@ -8,8 +8,10 @@ traced argument, so the program compiles once for the whole run: the calibration
 (activation ranges update), the warm-up (the student does not step) and the learning-rate
 milestones are all decided inside it.
 
-`config.num_seeds = K` trains K independent generator/student pairs in the same program: every
-leaf of the training state has a leading axis of size K, and the epoch is `vmap`ped over it.
+Several runs train in the same program (`config.num_seeds`, `config.sweep`: bag_jax.sweep): K
+independent generator/student pairs, every leaf of the training state with a leading run axis of
+size K, sharded over the mesh's 'runs' axis. A sweep's values are per-run entries of the state
+(`DFQState.hparams`), so the whole sweep compiles once.
 
 Methods (`config.method`; each part of BAG switches off on its own):
   gdfq    L_G = CE(t, y) + 0.1 BNS;  L_Q = CE(s, y) + KD                   (spec 4.2)
@@ -34,9 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from bag_jax import checkpoint, data, evaluate, losses, metrics, models, parallel, quant, teacher, validation
+from bag_jax import checkpoint, data, evaluate, losses, metrics, models, parallel, quant, report, sweep, teacher, validation
 from bag_jax.models import Generator, bn_input_pairs, unit_features
 from bag_jax.models.resnet_cifar import unit_index
 
@@ -47,12 +50,13 @@ GRID_PER_CLASS = 8
 # Above this many pixels per image (64x64) a run warns with its expected memory: the generator's
 # first layer grows with the pixel count (spec 3), 210M parameters at 512x512.
 LARGE_IMAGE_PIXELS = 64 * 64
+STUDENTS_DIR = 'students'   # one student per run of a multi-run program: students/<run name>/
 RUNTIME_BYTES = 1e9    # the peak memory of a CIFAR-sized run beyond its arrays, measured on CPU
 
 
 @flax.struct.dataclass
 class DFQState:
-    """Everything a run needs to continue; each leaf has a leading seed axis of size K."""
+    """Everything the runs need to continue; each leaf has a leading run axis of size K."""
     step: jax.Array            # iterations done
     rng: jax.Array             # PRNGKey per seed
     gen_params: Any
@@ -61,6 +65,7 @@ class DFQState:
     stu_params: Any
     stu_opt_state: Any
     stu_quant_stats: Any
+    hparams: Any               # {field: value} of the swept hyperparameters ({} without a sweep)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,12 +82,26 @@ class Setup:
     warmup_epochs: int
     calibration_epochs: int
     lr_milestones: tuple[int, ...]
-    lr_decay: float
-    generator_lr: float
-    student_lr: float
-    generator_tx: optax.GradientTransformation
-    student_tx: optax.GradientTransformation
+    nesterov: bool
     loss: Any                  # a frozen copy of config.loss
+    hyper: Any                 # {field: config value} of sweep.SWEEPABLE: constants unless swept
+    distill: bool              # channel attention on in some run: the networks sow their features
+
+    def reader(self, hparams) -> Callable[[str], Any]:
+        """field -> its value in a run: the run's traced value where the field is swept
+        (`hparams`, one run's entries of DFQState.hparams), the config's constant otherwise."""
+        return lambda field: hparams[field] if field in hparams else self.hyper[field]
+
+
+def generator_optimizer(h: Callable[[str], Any]) -> optax.GradientTransformation:
+    """PyTorch's Adam without the learning rate (applied in the step: it changes with the epoch)."""
+    return optax.scale_by_adam(b1=h('generator.b1'), b2=h('generator.b2'), eps=ADAM_EPS)
+
+
+def student_optimizer(h: Callable[[str], Any], nesterov: bool) -> optax.GradientTransformation:
+    """PyTorch's coupled-decay Nesterov SGD without the learning rate (spec 5.1, pitfall 9.15)."""
+    return optax.chain(optax.add_decayed_weights(h('student.weight_decay')),
+                       optax.trace(decay=h('student.momentum'), nesterov=nesterov))
 
 
 def build_setup(config, teacher_model: nn.Module, info: data.DatasetInfo) -> Setup:
@@ -97,19 +116,14 @@ def build_setup(config, teacher_model: nn.Module, info: data.DatasetInfo) -> Set
                           w_bits=w_bits if config.generator.quantize else None,
                           a_bits=a_bits if config.generator.quantize_activations else None,
                           range_rule=q.range_rule, ste=q.ste, conditioning=config.generator.conditioning)
-    # Learning rates are applied in the step (they change with the epoch, a traced value), so
-    # the transforms stop before the learning-rate scaling. PyTorch's Adam and coupled-decay
-    # Nesterov SGD (spec 5.1, pitfall 9.15).
-    generator_tx = optax.scale_by_adam(b1=config.generator.b1, b2=config.generator.b2, eps=ADAM_EPS)
-    student_tx = optax.chain(optax.add_decayed_weights(config.student.weight_decay),
-                             optax.trace(decay=config.student.momentum, nesterov=config.student.nesterov))
+    hyper = {field: float(sweep.config_value(config, field)) for field in sweep.SWEEPABLE}
+    attention = sweep.sweep_of(config).get('loss.channel_attention', (hyper['loss.channel_attention'],))
     return Setup(method=config.method, teacher=teacher_model, student=student, generator=generator,
                  num_classes=info.num_classes, batch_size=config.batch_size, latent_dim=config.generator.latent_dim,
                  iters_per_epoch=config.iters_per_epoch, warmup_epochs=config.warmup_epochs,
                  calibration_epochs=config.calibration_epochs, lr_milestones=tuple(config.lr_milestones),
-                 lr_decay=config.lr_decay, generator_lr=config.generator.lr, student_lr=config.student.lr,
-                 generator_tx=generator_tx, student_tx=student_tx,
-                 loss=flax.core.FrozenDict(config.loss.to_dict()))
+                 nesterov=config.student.nesterov, loss=flax.core.FrozenDict(config.loss.to_dict()),
+                 hyper=flax.core.FrozenDict(hyper), distill=max(attention) > 0)
 
 
 def learning_rate(base: float, epoch, milestones: tuple[int, ...], decay: float):
@@ -118,8 +132,9 @@ def learning_rate(base: float, epoch, milestones: tuple[int, ...], decay: float)
     return base * decay**passed
 
 
-def init_state(setup: Setup, teacher_variables, seed: int) -> DFQState:
-    """One seed's initial state: a fresh generator, the student a copy of the teacher (spec 1.1)."""
+def init_state(setup: Setup, teacher_variables, seed, hparams=None) -> DFQState:
+    """One run's initial state: a fresh generator, the student a copy of the teacher (spec 1.1);
+    `hparams` its swept values (default none)."""
     key = jax.random.PRNGKey(seed)
     gen_key, stu_key, rng = jax.random.split(key, 3)
     z = jnp.zeros((2, setup.latent_dim))
@@ -127,18 +142,23 @@ def init_state(setup: Setup, teacher_variables, seed: int) -> DFQState:
     gen_vars = setup.generator.init(gen_key, z, y)
     stu_vars = setup.student.init(stu_key, jnp.zeros((1,) + setup.generator.image_shape))
     stu_params = jax.tree.map(jnp.asarray, teacher_variables['params'])
+    h = setup.reader({})
     return DFQState(step=jnp.zeros((), jnp.int32), rng=rng,
-                    gen_params=gen_vars['params'], gen_opt_state=setup.generator_tx.init(gen_vars['params']),
+                    gen_params=gen_vars['params'], gen_opt_state=generator_optimizer(h).init(gen_vars['params']),
                     gen_quant_stats=gen_vars.get('quant_stats', {}),
-                    stu_params=stu_params, stu_opt_state=setup.student_tx.init(stu_params),
-                    stu_quant_stats=stu_vars.get('quant_stats', {}))
+                    stu_params=stu_params, stu_opt_state=student_optimizer(h, setup.nesterov).init(stu_params),
+                    stu_quant_stats=stu_vars.get('quant_stats', {}), hparams={} if hparams is None else hparams)
 
 
-def init_states(setup: Setup, teacher_variables, first_seed: int, num_seeds: int, mesh) -> DFQState:
-    """The initial states of seeds first_seed .. first_seed + K - 1, stacked on a leading seed
-    axis and replicated over the mesh."""
-    init_all = jax.vmap(lambda seed: init_state(setup, teacher_variables, seed))
-    return jax.jit(init_all, out_shardings=parallel.replicated(mesh))(first_seed + jnp.arange(num_seeds))
+def init_states(setup: Setup, teacher_variables, first_seed: int, num_seeds: int, mesh,
+                seeds=None, hparams=None) -> DFQState:
+    """The initial states of K runs, stacked on a leading run axis sharded over the mesh's
+    'runs' rows: seeds first_seed .. first_seed + num_seeds - 1, or the K `seeds` given, with
+    the swept values `hparams` ({field: (K,)}, bag_jax.sweep.hyperparameters)."""
+    seeds = first_seed + np.arange(num_seeds) if seeds is None else np.asarray(seeds)
+    hparams = {k: jnp.asarray(v, jnp.float32) for k, v in (hparams or {}).items()}
+    init_all = jax.vmap(lambda seed, hp: init_state(setup, teacher_variables, seed, hp))
+    return jax.jit(init_all, out_shardings=parallel.runs_sharded(mesh))(jnp.asarray(seeds), hparams)
 
 
 def distilled_features(collections, layers: str) -> list[jax.Array]:
@@ -162,7 +182,7 @@ def distilled_features(collections, layers: str) -> list[jax.Array]:
 
 def _sown_collections(setup: Setup) -> list[str]:
     """The collections the networks sow for channel attention: 'features' or 'bn_inputs' or none."""
-    if setup.loss['channel_attention'] <= 0:
+    if not setup.distill:
         return []
     return ['bn_inputs'] if setup.loss['channel_attention_layers'] == 'conv' else ['features']
 
@@ -192,7 +212,7 @@ def train_iteration(setup: Setup, state: DFQState, teacher_variables, epoch, pha
     they calibrate, the reference updates them in both forwards (spec 5.2), so the student step
     runs its own forward on the updated ranges.
     """
-    L = setup.loss
+    L, h = setup.loss, setup.reader(state.hparams)
     key = jax.random.fold_in(state.rng, state.step)
     z_key, y_key = jax.random.split(key)
     z = jax.random.normal(z_key, (setup.batch_size, setup.latent_dim))
@@ -223,19 +243,20 @@ def train_iteration(setup: Setup, state: DFQState, teacher_variables, epoch, pha
     stu_quant_stats = state.stu_quant_stats
     if setup.method == 'gdfq':
         loss_g, (dt, dbns) = jax.value_and_grad(
-            lambda t, bns: losses.gdfq_generator_loss(t, y, bns, L['bns']), argnums=(0, 1))(t, bns)
+            lambda t, bns: losses.gdfq_generator_loss(t, y, bns, h('loss.bns')), argnums=(0, 1))(t, bns)
         dx = teacher_vjp((dt, dbns))[0]
     else:
         (s, s_col), student_vjp, stu_quant_stats = jax.vjp(
             lambda p, x: student_forward(p, x, state.stu_quant_stats), state.stu_params, x, has_aux=True)
         loss_g, (dt, dbns, ds) = jax.value_and_grad(
             lambda t, bns, s: losses.adadfq_generator_loss(
-                t, s, y, bns, lambda_l=L['lambda_l'], lambda_u=L['lambda_u'], alpha_ds=L['alpha_ds'],
-                alpha_as=L['alpha_as'], balance=L['balance'], bns_weight=L['bns']), argnums=(0, 1, 2))(t, bns, s)
+                t, s, y, bns, lambda_l=h('loss.lambda_l'), lambda_u=h('loss.lambda_u'), alpha_ds=h('loss.alpha_ds'),
+                alpha_as=h('loss.alpha_as'), balance=h('loss.balance'), bns_weight=h('loss.bns')),
+            argnums=(0, 1, 2))(t, bns, s)
         dx = teacher_vjp((dt, dbns))[0] + student_vjp((ds, jax.tree.map(jnp.zeros_like, s_col)))[1]
     gen_grads, = generator_vjp(dx)
-    gen_lr = learning_rate(setup.generator_lr, epoch, setup.lr_milestones, setup.lr_decay)
-    gen_updates, gen_opt_state = setup.generator_tx.update(gen_grads, state.gen_opt_state, state.gen_params)
+    gen_lr = learning_rate(h('generator.lr'), epoch, setup.lr_milestones, h('lr_decay'))
+    gen_updates, gen_opt_state = generator_optimizer(h).update(gen_grads, state.gen_opt_state, state.gen_params)
     gen_params = optax.apply_updates(state.gen_params, jax.tree.map(lambda u: -gen_lr * u, gen_updates))
 
     # Student step on the same batch, detached, with the teacher's logits and features (spec 9.10).
@@ -247,26 +268,27 @@ def train_iteration(setup: Setup, state: DFQState, teacher_variables, epoch, pha
 
     def student_loss(s, s_col):
         if setup.method == 'gdfq':
-            loss = losses.gdfq_student_loss(s, t, y, L['temperature'], L['kd'])
+            loss = losses.gdfq_student_loss(s, t, y, h('loss.temperature'), h('loss.kd'))
         else:
-            loss = losses.adadfq_student_loss(s, t, L['temperature'])
+            loss = losses.adadfq_student_loss(s, t, h('loss.temperature'))
         ca = jnp.zeros(())
         if sown:
             ca = losses.channel_attention_loss(distilled_features(s_col, layers), distilled_features(t_col, layers),
                                                L['channel_attention_form'])
-        return loss + L['channel_attention'] * ca, ca
+        return loss + h('loss.channel_attention') * ca, ca
 
     (loss_s, ca), cotangents = jax.value_and_grad(student_loss, argnums=(0, 1), has_aux=True)(s, s_col)
     stu_params, stu_opt_state = state.stu_params, state.stu_opt_state
     # The student's optimizer does not step during warm-up, so its momentum starts after it (9.14).
     if phase.train_student:
         stu_grads, = params_vjp(cotangents)
-        stu_lr = learning_rate(setup.student_lr, epoch, setup.lr_milestones, setup.lr_decay)
-        updates, stu_opt_state = setup.student_tx.update(stu_grads, state.stu_opt_state, state.stu_params)
+        stu_lr = learning_rate(h('student.lr'), epoch, setup.lr_milestones, h('lr_decay'))
+        updates, stu_opt_state = student_optimizer(h, setup.nesterov).update(
+            stu_grads, state.stu_opt_state, state.stu_params)
         stu_params = optax.apply_updates(state.stu_params, jax.tree.map(lambda u: -stu_lr * u, updates))
     new_state = DFQState(step=state.step + 1, rng=state.rng, gen_params=gen_params, gen_opt_state=gen_opt_state,
                          gen_quant_stats=gen_quant_stats, stu_params=stu_params, stu_opt_state=stu_opt_state,
-                         stu_quant_stats=stu_quant_stats)
+                         stu_quant_stats=stu_quant_stats, hparams=state.hparams)
     step_metrics = {'loss_g': loss_g, 'loss_s': loss_s, 'bns': bns, 'channel_attention': ca,
                     'teacher_acc': jnp.mean(jnp.argmax(t, -1) == y),
                     'agreement': jnp.mean(jnp.argmax(s, -1) == jnp.argmax(t, -1))}
@@ -274,27 +296,31 @@ def train_iteration(setup: Setup, state: DFQState, teacher_variables, epoch, pha
 
 
 def make_train_epoch(setup: Setup, mesh, num_seeds: int, loop: str = 'auto') -> Callable:
-    """Compiles one epoch: (state, teacher_variables, epoch) -> (state, metrics).
+    """Compiles one epoch of K = `num_seeds` runs: (state, teacher_variables, epoch) -> (state, metrics).
 
     The metrics are epoch means, each of shape (K,); the state's buffers are donated. Each phase
     (`phase_of(epoch)`: calibration, warm-up, fine-tuning) has a program of its own, compiled the
     first time an epoch of that phase runs; the epoch itself is a traced argument, so the
     learning-rate milestones do not recompile.
-    `loop='scan'` runs the iterations in a `lax.scan` inside one program, vmapped over the seeds.
-    `loop='python'` compiles one iteration of one seed and calls it `iters_per_epoch` times per
-    seed. XLA:CPU runs convolutions inside a while loop 10-70x slower than the same convolutions
-    outside one, and vmapped ones several times slower than separate calls (bench/NOTES.md), so
-    'auto' takes 'python' on CPU and 'scan' on GPU and TPU. `epoch_fn.programs()` counts the
-    programs traced so far (at most one per phase).
+    `loop='scan'` runs the iterations in a `lax.scan` inside one program, vmapped over the runs.
+    `loop='python'` compiles one iteration and calls it `iters_per_epoch` times. XLA:CPU runs
+    convolutions inside a while loop 10-70x slower than the same convolutions outside one, and
+    vmapped ones several times slower than separate calls (bench/NOTES.md), so 'auto' takes
+    'python' on CPU and 'scan' on GPU and TPU; the Python loop never vmaps over runs.
+    With several rows on the mesh's 'runs' axis (`parallel.make_mesh(runs=R)`), the program is a
+    `shard_map` over 'runs': each row of devices computes its K / R runs, each run's batch split
+    over the row's 'data' devices by the compiler, so runs on different devices execute the plain
+    single-run computation. `epoch_fn.programs()` counts the programs traced so far (at most one
+    per phase); `epoch_fn.program(phase)` is the jitted program of a phase.
     """
     if loop == 'auto':
         loop = 'python' if mesh.devices.flat[0].platform == 'cpu' else 'scan'
-    data_sharding = parallel.batch_sharded(mesh)
-    repl = parallel.replicated(mesh)
+    rows = parallel.num_runs_axis(mesh)
+    if num_seeds % rows:
+        raise ValueError(f'{num_seeds} runs do not spread evenly over the {rows} rows of the mesh.')
+    local = num_seeds // rows             # runs per row of devices
+    repl, by_run = parallel.replicated(mesh), parallel.runs_sharded(mesh)
     traced = []    # one entry per trace of a compiled function, i.e. per program
-
-    def over_seeds(fn):
-        return jax.vmap(fn, in_axes=(0, None, None)) if num_seeds > 1 else _with_seed_axis(fn)
 
     def counted(fn):
         def wrapped(*args):
@@ -302,46 +328,83 @@ def make_train_epoch(setup: Setup, mesh, num_seeds: int, loop: str = 'auto') -> 
             return fn(*args)
         return wrapped
 
+    def over_runs(fn, vectorize: bool):
+        """fn of one run -> fn of a state with a leading run axis: vmapped (`vectorize`) or each
+        run computed on its own, one after the other, in the same program."""
+        if local == 1:
+            return _with_seed_axis(fn)
+        if vectorize:
+            return jax.vmap(fn, in_axes=(0, None, None))
+
+        def each(state, *args):
+            outs = [fn(jax.tree.map(lambda a: a[k], state), *args) for k in range(local)]
+            return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+        return each
+
+    def on_mesh(fn):
+        """fn of the runs of one row -> the jitted program of all K runs on the mesh."""
+        if rows > 1:
+            fn = jax.shard_map(fn, mesh=mesh, in_specs=(P(parallel.RUNS_AXIS), P(), P()),
+                               out_specs=P(parallel.RUNS_AXIS), axis_names={parallel.RUNS_AXIS})
+        return jax.jit(counted(fn), donate_argnums=(0,), out_shardings=(by_run, repl))
+
     @functools.cache
     def program(phase: Phase):
         def iteration(state, teacher_variables, epoch):
+            # Inside shard_map the data axis is the row's: its sharding is the abstract mesh's.
+            data_sharding = (parallel.batch_sharded(mesh) if rows == 1 else
+                             NamedSharding(jax.sharding.get_abstract_mesh(), P(parallel.DATA_AXIS)))
             return train_iteration(setup, state, teacher_variables, epoch, phase, data_sharding)
 
         if loop == 'scan':
-            def one_seed(state, teacher_variables, epoch):
+            def one_run(state, teacher_variables, epoch):
                 state, per_iteration = jax.lax.scan(lambda carry, _: iteration(carry, teacher_variables, epoch),
                                                     state, None, length=setup.iters_per_epoch)
                 return state, jax.tree.map(jnp.mean, per_iteration)
-            return jax.jit(counted(over_seeds(one_seed)), donate_argnums=(0,), out_shardings=(repl, repl))
-        # One seed keeps its seed axis through the program (a free reshape there), so no epoch
-        # slices and restacks the ~300 arrays of the state on the host.
-        one = iteration if num_seeds > 1 else _with_seed_axis(iteration)
-        return jax.jit(counted(one), donate_argnums=(0,), out_shardings=(repl, repl))
+            return on_mesh(over_runs(one_run, vectorize=True))
+        if rows == 1 and local > 1:
+            # Runs sharing the devices: one run per call (see the Python loop below).
+            return jax.jit(counted(iteration), donate_argnums=(0,), out_shardings=(repl, repl))
+        # One run per row keeps its run axis through the program (a free reshape there), so no
+        # epoch slices and restacks the ~300 arrays of the state on the host.
+        return on_mesh(over_runs(iteration, vectorize=False))
 
-    if loop == 'scan':
-        def epoch_fn(state, teacher_variables, epoch):
-            return program(phase_of(setup, int(epoch)))(state, teacher_variables, epoch)
-    else:
-        # One seed per call: vmapping over seeds turns XLA:CPU's convolutions into grouped ones
-        # with batched kernels, which it runs far slower than K separate calls (bench/NOTES.md).
-        def epoch_fn(state, teacher_variables, epoch):
-            compiled = program(phase_of(setup, int(epoch)))
-            if num_seeds == 1:
-                per_iteration = []
-                for _ in range(setup.iters_per_epoch):
-                    state, step_metrics = compiled(state, teacher_variables, epoch)
-                    per_iteration.append(step_metrics)
-                return state, jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs), axis=0), *per_iteration)
-            seeds = [jax.tree.map(lambda a: a[k], state) for k in range(num_seeds)]
-            per_iteration = [[] for _ in seeds]
+    def epoch_fn(state, teacher_variables, epoch):
+        compiled = program(phase_of(setup, int(epoch)))
+        if loop == 'scan':
+            return compiled(state, teacher_variables, epoch)
+        if rows > 1 or local == 1:
+            per_iteration = []
             for _ in range(setup.iters_per_epoch):
-                for k in range(num_seeds):
-                    seeds[k], step_metrics = compiled(seeds[k], teacher_variables, epoch)
-                    per_iteration[k].append(step_metrics)
-            epoch_metrics = [jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *m) for m in per_iteration]
-            stack = lambda *xs: jnp.stack(xs)
-            return jax.tree.map(stack, *seeds), jax.tree.map(stack, *epoch_metrics)
+                state, step_metrics = compiled(state, teacher_variables, epoch)
+                per_iteration.append(step_metrics)
+            return state, jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs), axis=0), *per_iteration)
+        # Runs sharing one row, one per call: vmapping over them turns XLA:CPU's convolutions
+        # into grouped ones with batched kernels, which it runs far slower than K separate calls
+        # (bench/NOTES.md).
+        runs = [jax.tree.map(lambda a: a[k], state) for k in range(num_seeds)]
+        per_iteration = [[] for _ in runs]
+        for _ in range(setup.iters_per_epoch):
+            for k in range(num_seeds):
+                runs[k], step_metrics = compiled(runs[k], teacher_variables, epoch)
+                per_iteration[k].append(step_metrics)
+        epoch_metrics = [jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *m) for m in per_iteration]
+        stack = lambda *xs: jnp.stack(xs)
+        return jax.device_put(jax.tree.map(stack, *runs), by_run), jax.tree.map(stack, *epoch_metrics)
+
+    def iteration_flops(state, teacher_variables, epoch) -> float:
+        """XLA's count of the floating-point operations of one iteration of all K runs in the
+        phase of `epoch`, summed over the devices (each device's compiled program counted once
+        per call; a scanned epoch's loop body is counted once, as XLA counts it)."""
+        one_per_call = loop == 'python' and rows == 1 and local > 1
+        args = (jax.tree.map(lambda a: a[0], state) if one_per_call else state, teacher_variables, epoch)
+        cost = program(phase_of(setup, int(epoch))).lower(*args).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost['flops']) * mesh.devices.size * (num_seeds if one_per_call else 1)
+
     epoch_fn.programs = lambda: len(traced)
+    epoch_fn.program = program
+    epoch_fn.iteration_flops = iteration_flops
     epoch_fn.loop = loop
     return epoch_fn
 
@@ -361,10 +424,13 @@ def student_variables(state: DFQState, teacher_variables) -> dict:
 
 
 def make_student_eval_step(setup: Setup, info: data.DatasetInfo, mesh) -> Callable:
-    """Eval step over all seeds' students at once: counts of shape (K,)."""
+    """Eval step over all runs' students at once: counts of shape (K,). The test images are split
+    over every device (as each process reads them: its own share) and the students gathered to
+    every device, so runs sharded over the mesh's 'runs' rows are scored like replicated ones."""
     def apply_all(variables, images):
-        per_seed = {k: v for k, v in variables.items() if k != 'batch_stats'}
-        return jax.vmap(lambda v: setup.student.apply({**v, 'batch_stats': variables['batch_stats']}, images))(per_seed)
+        per_run = {k: v for k, v in variables.items() if k != 'batch_stats'}
+        per_run = jax.lax.with_sharding_constraint(per_run, parallel.replicated(mesh))
+        return jax.vmap(lambda v: setup.student.apply({**v, 'batch_stats': variables['batch_stats']}, images))(per_run)
     return evaluate.make_eval_step(apply_all, info, mesh)
 
 
@@ -431,11 +497,6 @@ def warn_about_memory(setup: Setup, info: data.DatasetInfo) -> float | None:
     return estimate
 
 
-def _summary_stats(values: list[float]) -> dict[str, float]:
-    arr = np.asarray(values, np.float64)
-    return {'mean': float(arr.mean()), 'std': float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
-
-
 def load_teacher_for(config, workdir: str, dataset: data.ArrayDataset):
     """The teacher (trained first if needed) and its description, checked against the data."""
     directory = teacher.ensure_teacher(config, workdir, dataset)
@@ -448,17 +509,23 @@ def load_teacher_for(config, workdir: str, dataset: data.ArrayDataset):
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-    """Runs data-free quantization as `config` says; returns the summary written to
-    `workdir/summary.json` (accuracies in percent, per seed and, with several, mean and std)."""
+    """Runs data-free quantization as `config` says: one run, or the K runs of its seeds and
+    sweep (bag_jax.sweep) in one program. Returns the summary written to
+    `workdir/summary.json` (accuracies in percent; each run's, and each sweep point's mean and
+    std over its seeds)."""
     validation.validate_config(config)
     devices = jax.device_count()
-    validation.check_divisible(config.batch_size, devices, 'batch_size')
+    runs = sweep.runs_of(config)
+    K = len(runs)
+    rows, _ = sweep.device_split(config, K, devices)
     validation.check_divisible(config.eval_batch_size, devices, 'eval_batch_size')
     dataset = data.load_dataset(config.data)
     teacher_model, teacher_host, teacher_meta, info = load_teacher_for(config, workdir, dataset)
     setup = build_setup(config, teacher_model, info)
-    mesh = parallel.make_mesh()
-    K = config.num_seeds
+    mesh = parallel.make_mesh(runs=rows)
+    if K > 1:
+        logging.info('%d runs (%s) on a %d x %d (runs x data) mesh', K, ', '.join(r.name for r in runs), rows,
+                     devices // rows)
     teacher_variables = parallel.replicate(teacher_host, mesh)
 
     # The teacher's own top-1, measured here on the same test split.
@@ -466,7 +533,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     teacher_top1 = evaluate.evaluate(teacher_eval, teacher_variables, dataset, mesh, config.eval_batch_size)['top1']
 
     warn_about_memory(setup, info)
-    state = init_states(setup, teacher_host, config.seed, K, mesh)
+    state = init_states(setup, teacher_host, config.seed, K, mesh, seeds=[r.seed for r in runs],
+                        hparams=sweep.hyperparameters(config))
     train_epoch = make_train_epoch(setup, mesh, K, config.epoch_loop)
     eval_step = make_student_eval_step(setup, info, mesh)
     image_grid = make_image_grid(setup, config.seed, config.eval_batch_size)
@@ -507,10 +575,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
             wall_s += time.time() - t0
             scalars = {k: float(v.mean()) for k, v in epoch_metrics.items()}
             # The student does not step during warm-up: its rate is 0 there.
-            lr_student = learning_rate(setup.student_lr, jnp.int32(epoch), setup.lr_milestones, setup.lr_decay)
+            lr_student = learning_rate(config.student.lr, jnp.int32(epoch), setup.lr_milestones, config.lr_decay)
             scalars.update(top1=float(np.mean(top1)), top5=float(np.mean(top5)),
                            lr_student=float(lr_student) if epoch >= config.warmup_epochs else 0.0,
                            epoch_s=time.time() - t0)
+            if K > 1:     # each run's accuracies, under its name
+                scalars.update({f'{name}/{run.name}': value[k] for name, value in (('top1', top1), ('top5', top5))
+                                for k, run in enumerate(runs)})
             if epoch % config.log_every == 0 or epoch == config.epochs - 1:
                 writer.write(epoch + 1, scalars, phase=config.method)
             progress.set_postfix(loss_g=f'{scalars["loss_g"]:.3f}', loss_s=f'{scalars["loss_s"]:.3f}',
@@ -525,8 +596,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                                           'wall_s': wall_s})
 
     host_state = parallel.to_host(state)
-    for k in range(K):
-        directory = os.path.join(workdir, 'student' if K == 1 else f'student_seed{config.seed + k}')
+    for k, run in enumerate(runs):
+        directory = os.path.join(workdir, 'student' if K == 1 else os.path.join(STUDENTS_DIR, run.name))
         # Kept when a finished run starts again; rewritten when a run is extended.
         if _student_epochs(directory) != config.epochs:
             variables = {'params': jax.tree.map(lambda a: a[k], host_state.stu_params),
@@ -536,11 +607,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 info, teacher_model, source=f'{config.method} from {teacher_meta["source"]}',
                 quant={'w_bits': setup.student.w_bits, 'a_bits': setup.student.a_bits,
                        'range_rule': config.quant.range_rule, 'ste': config.quant.ste},
-                top1=history['top1'][-1][k], epochs=config.epochs)
+                top1=history['top1'][-1][k], epochs=config.epochs, seed=run.seed, overrides=dict(run.overrides))
             checkpoint.save_model(directory, variables, meta, 'student')
-    summary = make_summary(config, history, ptq_top1, teacher_top1, wall_s, devices)
+    summary = make_summary(config, runs, history, ptq_top1, teacher_top1, wall_s, devices)
     metrics.write_summary(workdir, summary)
     logging.info('summary: %s', summary)
+    if jax.process_index() == 0:
+        print(report.format_summary(summary), flush=True)
     return summary
 
 
@@ -552,28 +625,36 @@ def _student_epochs(directory: str) -> int | None:
         return json.load(f).get('epochs')
 
 
-def make_summary(config, history, ptq_top1, teacher_top1, wall_s, devices) -> dict[str, Any]:
-    """The run's summary from the per-epoch accuracies (history['top1'][epoch][seed], percent)."""
-    top1 = np.asarray(history['top1'], np.float64)            # (epochs, K)
-    best_epoch = top1.argmax(axis=0)
-    per_seed = {
-        'seed': [config.seed + k for k in range(top1.shape[1])],
-        'best_top1': top1.max(axis=0).tolist(), 'best_epoch': (best_epoch + 1).tolist(),
-        'last_top1': top1[-1].tolist(), 'ptq_top1': ptq_top1,
-    }
-    single = top1.shape[1] == 1
+def make_summary(config, runs: list[sweep.Run], history, ptq_top1, teacher_top1, wall_s, devices) -> dict[str, Any]:
+    """The summary from the per-epoch accuracies (history['top1'][epoch][run], percent): `runs`
+    (each run's) and `groups` (each sweep point's mean and std over its seeds, bag_jax.sweep);
+    without a sweep, also the accuracies at the top level (with several seeds as mean and std,
+    and a `per_seed` table)."""
+    results = sweep.run_results(runs, history['top1'], ptq_top1)
     summary = {
         'method': config.method, 'w_bits': config.quant.w_bits, 'a_bits': config.quant.a_bits,
         'teacher_top1': teacher_top1,
-        'ptq_top1': (ptq_top1[0] if single else _summary_stats(ptq_top1)) if ptq_top1 is not None else None,
-        'best_top1': per_seed['best_top1'][0] if single else _summary_stats(per_seed['best_top1']),
-        'best_epoch': per_seed['best_epoch'][0] if single else per_seed['best_epoch'],
-        'last_top1': per_seed['last_top1'][0] if single else _summary_stats(per_seed['last_top1']),
-        'epochs': config.epochs, 'iterations': config.epochs * config.iters_per_epoch,
-        'batch_size': config.batch_size, 'num_seeds': top1.shape[1],
-        'wall_s': wall_s, 'devices': devices,
-        'note': 'best_top1 is the best epoch on the test split (how the papers report); last_top1 is the final epoch',
     }
-    if not single:
+    swept = sweep.sweep_of(config)
+    if not swept:
+        single = len(runs) == 1
+        per_seed = {'seed': [r['seed'] for r in results], 'best_top1': [r['best_top1'] for r in results],
+                    'best_epoch': [r['best_epoch'] for r in results], 'last_top1': [r['last_top1'] for r in results],
+                    'ptq_top1': ptq_top1}
+        summary.update({
+            'ptq_top1': (ptq_top1[0] if single else sweep.mean_std(ptq_top1)) if ptq_top1 is not None else None,
+            'best_top1': per_seed['best_top1'][0] if single else sweep.mean_std(per_seed['best_top1']),
+            'best_epoch': per_seed['best_epoch'][0] if single else per_seed['best_epoch'],
+            'last_top1': per_seed['last_top1'][0] if single else sweep.mean_std(per_seed['last_top1']),
+        })
+    summary.update({
+        'epochs': config.epochs, 'iterations': config.epochs * config.iters_per_epoch,
+        'batch_size': config.batch_size, 'num_seeds': config.num_seeds, 'num_runs': len(runs),
+        'sweep': {field: list(values) for field, values in swept.items()},
+        'wall_s': wall_s, 'devices': devices,
+        'runs': results, 'groups': sweep.groups_of(results),
+        'note': 'best_top1 is the best epoch on the test split (how the papers report); last_top1 is the final epoch',
+    })
+    if not swept and len(runs) > 1:
         summary['per_seed'] = per_seed
     return summary

@@ -1,8 +1,12 @@
-"""Data parallelism as `jax.jit` over a one-axis device mesh (what pmap has become).
+"""Data parallelism as `jax.jit` over a ('runs', 'data') device mesh (what pmap has become).
 
 Parameters and optimizer states are replicated (`P()`); batches are sharded over the 'data'
 axis (`P('data')`). Inside jit the program sees the global batch, so batch statistics (the
-generator's BatchNorm, the BNS loss) are those of the whole batch, as on one device.
+generator's BatchNorm, the BNS loss) are those of the whole batch, as on one device. Several
+independent runs in one program (seeds, sweeps: bag_jax.sweep) have their states sharded over
+the 'runs' axis (`P('runs')`), each run's batch over the 'data' devices of its row; with one row
+(the default) the mesh is the one-axis data-parallel mesh. Data read from files (evaluation,
+teacher training) is always split over every device, each process feeding its own rows.
 
 Several processes (one per host, or one per GPU) make one mesh over all their devices once
 `initialize_distributed` has joined them. Every process then runs the same program; each passes
@@ -16,9 +20,11 @@ import os
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = 'data'
+RUNS_AXIS = 'runs'
 
 
 # The settings of an explicit multi-process run, as flags of run.py and as environment variables.
@@ -95,10 +101,19 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
                  jax.local_device_count(), jax.device_count())
 
 
-def make_mesh(devices=None) -> Mesh:
-    """A ('data',) mesh over `devices`, by default every device of every process."""
+def make_mesh(devices=None, runs: int = 1) -> Mesh:
+    """A ('runs', 'data') mesh over `devices` (by default every device of every process): `runs`
+    rows of len(devices) / runs devices each."""
     devices = jax.devices() if devices is None else list(devices)
-    return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
+    if len(devices) % runs:
+        raise ValueError(f'{len(devices)} devices do not make {runs} equal rows of the mesh.')
+    return jax.make_mesh((runs, len(devices) // runs), (RUNS_AXIS, DATA_AXIS), axis_types=(AxisType.Auto,) * 2,
+                         devices=devices)
+
+
+def num_runs_axis(mesh: Mesh) -> int:
+    """The size of the mesh's 'runs' axis: how many groups of devices train runs side by side."""
+    return mesh.shape[RUNS_AXIS]
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -106,7 +121,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(DATA_AXIS))
+    """A batch split over every device of the mesh (over 'data' alone with one 'runs' row)."""
+    return NamedSharding(mesh, P((RUNS_AXIS, DATA_AXIS)))
+
+
+def runs_sharded(mesh: Mesh) -> NamedSharding:
+    """Arrays with a leading run axis, split over the 'runs' rows (replicated with one row)."""
+    return NamedSharding(mesh, P(RUNS_AXIS))
 
 
 def replicate(tree, mesh: Mesh):
@@ -125,5 +146,14 @@ def global_batch(mesh: Mesh, *local_arrays: np.ndarray):
 
 
 def to_host(tree):
-    """Copies a pytree of replicated device arrays to numpy on this process."""
-    return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)) if isinstance(a, jax.Array) else np.asarray(a), tree)
+    """Copies a pytree of device arrays, replicated or sharded, whole to numpy on this process
+    (every process calls it together: arrays split over processes are gathered)."""
+    def fetch(a):
+        if not isinstance(a, jax.Array):
+            return np.asarray(a)
+        if a.is_fully_replicated:
+            return np.asarray(a.addressable_data(0))
+        if a.is_fully_addressable:
+            return np.asarray(a)
+        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    return jax.tree.map(fetch, tree)

@@ -10,7 +10,7 @@ import difflib
 import numbers
 from typing import Any
 
-from bag_jax import data, quant
+from bag_jax import data, quant, sweep
 from bag_jax.models.generator import CONDITIONINGS
 
 MODES = ('quantize', 'teacher', 'evaluate')
@@ -142,6 +142,10 @@ def validate_quantize(config) -> None:
     _choice(config, 'quant.ste', quant.STE_MODES)
     _int(config, 'seed', 0)
     _int(config, 'num_seeds', 1)
+    if 'sweep' in config:
+        sweep.sweep_of(config)
+    if config.get('data_parallel') is not None:
+        _int(config, 'data_parallel', 1)
     _int(config, 'batch_size', 2)   # the generator's batch statistics need two samples
     epochs = _int(config, 'epochs', 1)
     _int(config, 'iters_per_epoch', 1)
@@ -209,6 +213,9 @@ def check_device_split(config, device_count: int) -> None:
               'evaluate': ['eval_batch_size']}[config.mode]
     if config.mode == 'quantize' and config.teacher.checkpoint:
         fields.remove('teacher.batch_size')    # no teacher is trained
+    if config.mode == 'quantize':   # each run's batch splits over its own devices
+        fields.remove('batch_size')
+        sweep.device_split(config, len(sweep.runs_of(config)), device_count)
     for field in fields:
         check_divisible(_get(config, field), device_count, field)
 

@@ -39,7 +39,7 @@ LOCK_FILE = 'run.lock'
 # Fields that extend a run (more epochs) or only change what it logs or how it evaluates.
 EXTENDABLE_FIELDS = ('epochs', 'log_every', 'image_grid_every', 'eval_batch_size')
 # What a workdir holds once a run has started in it.
-_RUN_OUTPUTS = ('teacher_state', 'dfq_state', 'teacher', 'student', 'summary.json', 'metrics.jsonl')
+_RUN_OUTPUTS = ('teacher_state', 'dfq_state', 'teacher', 'student', 'students', 'summary.json', 'metrics.jsonl')
 
 
 class WorkdirError(RuntimeError):

@@ -1,5 +1,5 @@
-"""The accelerator check: the real BAG W3A3 CIFAR-100 step at batch 16 and 200, one seed and
-eight, and the W4A4 ImageNet steps (ResNet-18, ResNet-50, MobileNetV2 at 224x224, batch 16),
+"""The accelerator check: the real BAG W3A3 CIFAR-100 step at batch 16 and 200 for 1, 8 and 32
+runs in one program (num_seeds: bag_jax.sweep spreads them over the devices), and the W4A4 ImageNet steps (ResNet-18, ResNet-50, MobileNetV2 at 224x224, batch 16),
 with the projected wall time of a full 400-epoch x 200-iteration run.
 
     python bench/accelerator_check.py [--steps=50] [--repeats=3] [--method=bag]
@@ -24,7 +24,9 @@ _METHOD = flags.DEFINE_string('method', 'bag', 'gdfq, adadfq or bag.')
 # (label, config module, batch, seeds); the ImageNet teachers are the zoo architectures with
 # random weights (no download, no data).
 SETTINGS = [('ResNet-20 / CIFAR-100 W3A3', cifar100_w3a3, 16, 1), ('ResNet-20 / CIFAR-100 W3A3', cifar100_w3a3, 16, 8),
+            ('ResNet-20 / CIFAR-100 W3A3', cifar100_w3a3, 16, 32),
             ('ResNet-20 / CIFAR-100 W3A3', cifar100_w3a3, 200, 1), ('ResNet-20 / CIFAR-100 W3A3', cifar100_w3a3, 200, 8),
+            ('ResNet-20 / CIFAR-100 W3A3', cifar100_w3a3, 200, 32),
             ('ResNet-18 / ImageNet W4A4', imagenet_resnet18_w4a4, 16, 1),
             ('MobileNetV2 / ImageNet W4A4', imagenet_mobilenetv2_w4a4, 16, 1),
             ('ResNet-50 / ImageNet W4A4', imagenet_resnet50_w4a4, 16, 1)]
@@ -42,11 +44,13 @@ def main(argv):
         print(r, flush=True)
         rows.append(r)
     print(f'\n{rows[0]["device_kind"]} x {rows[0]["device_count"]}, {_METHOD.value}\n')
-    print('| network / data | batch | seeds | s / iteration | images / s | device peak memory | full run (epochs x iters_per_epoch, all seeds) |')
-    print('| --- | --- | --- | --- | --- | --- | --- |')
+    print('| network / data | batch | runs | s / iteration (all runs) | s / iteration / run | images / s | TFLOP/s '
+          '| device peak memory | full run (epochs x iters_per_epoch, all runs) |')
+    print('| --- | --- | --- | --- | --- | --- | --- | --- | --- |')
     for r in rows:
         mem = f'{r["device_peak_bytes"] / 2**30:.2f} GiB' if r['device_peak_bytes'] else 'n/a'
-        print(f'| {r["label"]} | {r["batch_size"]} | {r["num_seeds"]} | {r["step_s_median"]:.4f} | {r["images_per_s"]:.0f} | {mem} | '
+        print(f'| {r["label"]} | {r["batch_size"]} | {r["num_runs"]} | {r["step_s_median"]:.4f} | '
+              f'{r["step_s_per_run"]:.4f} | {r["images_per_s"]:.0f} | {r["flops_per_s"] / 1e12:.2f} | {mem} | '
               f'{r["projected_full_run_min"]:.1f} min |')
 
 

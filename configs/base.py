@@ -21,11 +21,20 @@ def get_config(method: str = 'bag') -> ml_collections.ConfigDict:
     """Returns the CIFAR-100 ResNet-20 W3A3 experiment for `method` (one of METHODS)."""
     if method not in METHODS:
         raise ValueError(f'config argument {method!r} is not a method: choose one of {", ".join(METHODS)}.')
-    c = ml_collections.ConfigDict()
+    # convert_dict=False: `sweep` holds a plain dict of dotted field names, which a nested
+    # ConfigDict would refuse (and copies of the config would try to make one).
+    c = ml_collections.ConfigDict(convert_dict=False)
     c.mode = 'quantize'            # 'quantize' | 'teacher' | 'evaluate'
     c.method = method
     c.seed = 0
     c.num_seeds = 1                # independent generator/student pairs trained in one program
+    # Hyperparameter sweep (bag_jax.sweep): {dotted field: values}, e.g.
+    # {'loss.channel_attention': (0.0, 5.0)}; every point runs num_seeds seeds, all in one program.
+    # From the command line: '--config.sweep={"loss.channel_attention": [0, 5]}'.
+    c.sweep = config_dict.placeholder(object)
+    # Devices per run when several runs share the devices (unset: all devices for one run, else as
+    # few as the batch needs, so that the runs spread over the devices first).
+    c.data_parallel = config_dict.placeholder(int)
 
     # Schedule (spec 5.1): 400 epochs x 200 iterations; the student is frozen for the first
     # warmup_epochs while only the generator trains; activation ranges calibrate during the first

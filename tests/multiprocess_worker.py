@@ -8,7 +8,9 @@ so that start-up and compilation are paid once:
   1. `one_step_results(TEACHER_DIR)`: what training does not amplify (one step from the same
      state, the data order), written by process 0 to WORKDIR/one_step.npz;
   2. the quantization command of `multiprocess_config()`, twice in WORKDIR: the first run
-     trains the teacher, quantizes, and is interrupted in epoch 2; the second resumes it.
+     trains the teacher, quantizes, and is interrupted in epoch 2; the second resumes it;
+  3. the 2-run sweep of `sweep_config()` on that teacher, twice in WORKDIR/sweep, the first
+     interrupted in epoch 2.
 Writes WORKDIR/process_<i>.json with what this process saw and returned.
 """
 
@@ -33,6 +35,14 @@ def multiprocess_config():
     c = tiny_config('bag')
     c.quant.w_bits = 8
     c.quant.a_bits = 8
+    return c
+
+
+def sweep_config(teacher_dir: str):
+    """`multiprocess_config()` sweeping loss.channel_attention over (0, 5): two runs."""
+    c = multiprocess_config()
+    c.teacher.checkpoint = teacher_dir
+    c.sweep = {'loss.channel_attention': (0.0, 5.0)}
     return c
 
 
@@ -125,10 +135,22 @@ def main(workdir: str, cache_dir: str, teacher_dir: str) -> None:
     metrics.MetricWriter.write = write
     summary = experiment.run(c, workdir)
 
+    # A 2-run sweep of the teacher just trained, one run per process's devices (a 2 x 2 mesh),
+    # interrupted in epoch 2 and resumed likewise.
+    s = sweep_config(os.path.join(workdir, 'teacher'))
+    metrics.MetricWriter.write = interrupted_in_epoch_two
+    try:
+        experiment.run(s, os.path.join(workdir, 'sweep'))
+        raise AssertionError('the sweep was not interrupted')
+    except KeyboardInterrupt:
+        pass
+    metrics.MetricWriter.write = write
+    sweep_summary = experiment.run(s, os.path.join(workdir, 'sweep'))
+
     with open(os.path.join(workdir, f'process_{jax.process_index()}.json'), 'w') as f:
         json.dump({'process_index': jax.process_index(), 'process_count': jax.process_count(),
                    'local_devices': jax.local_device_count(), 'devices': jax.device_count(),
-                   'summary': summary}, f)
+                   'summary': summary, 'sweep_summary': sweep_summary}, f)
 
 
 if __name__ == '__main__':

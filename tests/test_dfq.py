@@ -262,6 +262,8 @@ def test_bad_configs_fail_before_compiling(digits_teacher, tmp_path):
         ({'batch_size': 6}, 'batch_size=6 does not split over 4 devices'),
         ({'loss.channel_attention_layers': 'all'}, 'loss.channel_attention_layers'),
         ({'warmup_epochs': 5}, 'warmup_epochs=5'),
+        ({'sweep': {'quant.w_bits': (3, 4)}}, "sweep field 'quant.w_bits' cannot be swept"),
+        ({'num_seeds': 3, 'data_parallel': 2}, r'3 run\(s\) do not spread evenly over 2 groups'),
     ]
     def must_not_run(*args, **kwargs):
         raise AssertionError('loaded data or compiled before the config was checked')
@@ -347,4 +349,5 @@ def test_several_seeds_report_each_and_mean_std(digits_teacher, tmp_path):
     assert summary['best_top1']['mean'] == pytest.approx(np.mean(per_seed['best_top1']))
     assert summary['last_top1']['std'] == pytest.approx(np.std(per_seed['last_top1'], ddof=1))
     for seed in (5, 6):
-        assert checkpoint.load_model(str(tmp_path / f'student_seed{seed}'))[0] == 'student'
+        assert checkpoint.load_model(str(tmp_path / dfq.STUDENTS_DIR / f'seed{seed}'))[0] == 'student'
+    assert [r['seed'] for r in summary['runs']] == [5, 6] and len(summary['groups']) == 1

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from bag_jax import checkpoint, dfq, metrics, parallel
-from tests.multiprocess_worker import LOCAL_DEVICES, multiprocess_config, one_step_results
+from tests.multiprocess_worker import LOCAL_DEVICES, multiprocess_config, one_step_results, sweep_config
 from tests.trajectories import (WHOLE_RUN_ACCURACY_SPREAD, WHOLE_RUN_PARAMETER_SPREAD, assert_one_step_close,
                                 assert_rounding_close, flat)
 
@@ -162,3 +162,15 @@ def test_two_processes_train_quantize_and_resume_as_one(digits_teacher, tmp_path
     for key in accuracies:
         assert abs(written[key] - reference[key]) <= WHOLE_RUN_ACCURACY_SPREAD, (key, written[key], reference[key])
     assert written['devices'] == reference['devices'] == NUM_PROCESSES * LOCAL_DEVICES
+
+    # The 2-run sweep on 2 x 2 devices, against the same sweep by one process.
+    swept = json.loads((workdir / 'sweep' / 'summary.json').read_text())
+    assert all(without_time(s['sweep_summary']) == without_time(swept) for s in seen)
+    reference = dfq.train_and_evaluate(sweep_config(str(workdir / 'teacher')), str(tmp_path / 'one_process_sweep'))
+    assert [r['name'] for r in swept['runs']] == [r['name'] for r in reference['runs']]
+    for mine, theirs in zip(swept['runs'], reference['runs']):
+        for key in ('ptq_top1', 'best_top1', 'last_top1'):
+            assert abs(mine[key] - theirs[key]) <= WHOLE_RUN_ACCURACY_SPREAD, (mine['name'], key)
+    assert [(m['phase'], m['step']) for m in metrics.read_metrics(str(workdir / 'sweep'))] == [('bag', 1), ('bag', 2)]
+    for run in swept['runs']:
+        assert checkpoint.load_model(str(workdir / 'sweep' / dfq.STUDENTS_DIR / run['name']))[0] == 'student'

@@ -50,8 +50,10 @@ FIXTURE_ONE_STEP_SPREAD = 2e-3
 
 
 def flat(tree) -> dict[str, np.ndarray]:
-    """A pytree of arrays as {'a/b': numpy array}."""
-    return {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(jax.device_get(tree), sep='/').items()}
+    """A pytree of arrays as {'a/b': numpy array} (arrays split over processes gathered: every
+    process calls it together)."""
+    from bag_jax import parallel
+    return {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(parallel.to_host(tree), sep='/').items()}
 
 
 def assert_rounding_close(a: dict, b: dict, tol: float, what: str = '', per_array: bool = True) -> None:
@@ -72,9 +74,10 @@ def assert_rounding_close(a: dict, b: dict, tol: float, what: str = '', per_arra
 
 
 def dfq_one_step(setup, teacher_variables, mesh, first_seed: int = 0, num_seeds: int = 1,
-                 loop: str = 'python') -> dict[str, np.ndarray]:
-    """One DFQ iteration of each phase from the initial states of seeds first_seed.. on `mesh`,
-    with the epoch loop `loop` (every process calls it together). Arrays have a leading seed axis.
+                 loop: str = 'python', seeds=None, hparams=None) -> dict[str, np.ndarray]:
+    """One DFQ iteration of each phase from the initial states of seeds first_seed.. (or of the
+    runs of `seeds` and swept `hparams`, as dfq.init_states takes them) on `mesh`, with the epoch
+    loop `loop` (every process calls it together). Arrays have a leading run axis.
 
       calibrate/...   one iteration of the calibration epoch: metrics, the generator's gradient
                       (as Adam's first moment) and the student's activation ranges
@@ -83,9 +86,10 @@ def dfq_one_step(setup, teacher_variables, mesh, first_seed: int = 0, num_seeds:
     """
     from bag_jax import dfq, parallel
     setup = dataclasses.replace(setup, iters_per_epoch=1)
-    epoch_fn = dfq.make_train_epoch(setup, mesh, num_seeds, loop)
     teacher_variables = parallel.replicate(teacher_variables, mesh)
-    initial = dfq.init_states(setup, teacher_variables, first_seed, num_seeds, mesh)
+    num_seeds = num_seeds if seeds is None else len(seeds)
+    epoch_fn = dfq.make_train_epoch(setup, mesh, num_seeds, loop)
+    initial = dfq.init_states(setup, teacher_variables, first_seed, num_seeds, mesh, seeds=seeds, hparams=hparams)
     calibrated, m = epoch_fn(jax.tree.map(jnp.copy, initial), teacher_variables, jnp.int32(0))
     out = {}
     out.update({f'calibrate/metrics/{k}': v for k, v in flat(m).items()})

@@ -1,0 +1,164 @@
+"""Many runs in one program: seeds and sweeps on a ('runs', 'data') mesh of 4 CPU devices."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from bag_jax import checkpoint, dfq, experiment, metrics, parallel, report, sweep, validation
+from tests import trajectories
+from tests.conftest import interrupted, tiny_config
+from tests.test_dfq import config_with, make_setup
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_runs_are_the_product_of_the_sweep_values_times_the_seeds():
+    c = tiny_config('bag')
+    c.seed, c.num_seeds = 3, 2
+    c.sweep = {'loss.channel_attention': (0, 5.0), 'student.lr': (1e-4, 1e-3, 1e-2)}
+    runs = sweep.runs_of(c)
+    assert len(runs) == 12 and [r.seed for r in runs[:4]] == [3, 4, 3, 4]
+    assert runs[0].overrides == (('loss.channel_attention', 0.0), ('student.lr', 1e-4))
+    assert runs[-1].name == 'loss.channel_attention=5,student.lr=0.01_seed4'
+    hp = sweep.hyperparameters(c)
+    np.testing.assert_array_equal(hp['student.lr'], np.float32([1e-4, 1e-4, 1e-3, 1e-3, 1e-2, 1e-2] * 2))
+    # Each run alone: its seed and its values, no sweep.
+    alone = sweep.run_configs(c)[5]
+    assert (alone.seed, alone.num_seeds, alone.sweep, alone.student.lr, alone.loss.channel_attention) == (
+        4, 1, None, 1e-2, 0.0)
+    # No sweep: the seeds alone, and no traced hyperparameters (a single run's program is today's).
+    c.sweep = None
+    assert [r.name for r in sweep.runs_of(c)] == ['seed3', 'seed4'] and sweep.hyperparameters(c) == {}
+
+
+@pytest.mark.parametrize('sweep_value, message', [
+    ({'quant.w_bits': (3, 4)}, "sweep field 'quant.w_bits' cannot be swept: .*Bit-widths, method, batch size"),
+    ({'batch_size': (8, 16)}, "sweep field 'batch_size' cannot be swept"),
+    ({'method': ('gdfq', 'bag')}, "sweep field 'method' cannot be swept"),
+    ({'teacher.depth': (8, 20)}, "sweep field 'teacher.depth' cannot be swept"),
+    ({'loss.chanel_attention': (0, 5)}, r"'loss.chanel_attention' cannot be swept \(there is no such config field\)"),
+    ({'student.lr': ()}, r"sweep\['student.lr'\]=\(\) is not allowed: use a non-empty list"),
+    ({'student.lr': ('a', 'b')}, 'every value must be a number'),
+    ({'student.lr': (0.1, 0.1)}, 'repeats a value'),
+    ('student.lr', 'use a dict of dotted config fields'),
+])
+def test_sweeps_that_would_change_the_program_are_refused(sweep_value, message):
+    c = tiny_config('bag')
+    c.sweep = sweep_value
+    with pytest.raises(ValueError, match=message):
+        validation.validate_config(c)
+
+
+def test_device_split_defaults_and_refusals():
+    c = tiny_config('bag')      # batch 8
+    split = lambda runs, devices, data_parallel=None: sweep.device_split(
+        _with(c, data_parallel=data_parallel), runs, devices)
+    assert split(1, 4) == (1, 4)              # one run: all devices, today's mesh
+    assert split(2, 4) == (2, 2) and split(4, 4) == (4, 1) and split(8, 4) == (4, 1)   # runs first
+    assert split(3, 4) == (1, 4)              # 3 runs cannot spread over 4 devices: they share them
+    assert split(4, 4, data_parallel=2) == (2, 2)
+    with pytest.raises(ValueError, match=r'data_parallel=3 does not divide the 4 devices: use one of \[1, 2, 4\]'):
+        split(4, 4, data_parallel=3)
+    with pytest.raises(ValueError, match=r'1 run\(s\) do not spread evenly over 2 groups of data_parallel=2'):
+        split(1, 4, data_parallel=2)
+    with pytest.raises(ValueError, match=r'batch_size=8 does not split over 16 devices per run \(data_parallel\)'):
+        split(1, 16, data_parallel=16)
+    with pytest.raises(ValueError, match=r'3 runs \(sweep points x num_seeds\) at batch_size=6 do not split over 4'):
+        sweep.device_split(_with(c, batch_size=6), 3, 4)
+    # run.py checks it before anything is loaded, naming the field.
+    bad = _with(c, num_seeds=1, data_parallel=2)
+    with pytest.raises(ValueError, match='over 2 groups of data_parallel=2 devices .*: use data_parallel=4'):
+        validation.check_device_split(bad, 4)
+
+
+def _with(c, **fields):
+    c = c.copy_and_resolve_references()
+    for key, value in fields.items():
+        c[key] = value
+    return c
+
+
+def test_two_runs_on_two_rows_match_each_run_alone_on_two_devices(digits_teacher):
+    """A 2 runs x 2 data mesh (shard_map over 'runs'), with the CPU's Python loop and the
+    accelerators' scan, against each run trained alone on 2 devices: one step of each phase, to
+    rounding. Also 4 runs on the 2 rows (two runs per row, each computed on its own)."""
+    c = config_with(digits_teacher, 'bag')
+    c.sweep = {'loss.channel_attention': (0.0, 5.0), 'student.lr': (1e-4, 1e-2)}
+    setup, variables = make_setup(c)
+    runs, hp = sweep.runs_of(c), sweep.hyperparameters(c)
+    two_rows = parallel.make_mesh(runs=2)
+    assert two_rows.shape == {'runs': 2, 'data': 2}
+    alone = {}   # the runs without and with channel attention, at the low and the high rate
+    for k in (0, 3):
+        run_config = sweep.run_configs(c)[k]
+        run_setup, _ = make_setup(run_config)
+        alone[k] = trajectories.dfq_one_step(run_setup, variables, parallel.make_mesh(jax.devices()[:2]),
+                                             first_seed=run_config.seed)
+    for loop, picked in (('python', [0, 3]), ('scan', [3, 0]), ('python', [0, 1, 2, 3])):
+        together = trajectories.dfq_one_step(setup, variables, two_rows, loop=loop, seeds=[runs[k].seed for k in picked],
+                                             hparams={f: v[picked] for f, v in hp.items()})
+        for i, k in ((i, k) for i, k in enumerate(picked) if k in alone):
+            # A run without channel attention computes none alone; in the sweep it computes the
+            # term (its metric) and weighs it 0.
+            mine = {name: v[i:i + 1] for name, v in together.items()
+                    if not (name.endswith('/channel_attention') and runs[k].overrides[0][1] == 0)}
+            trajectories.assert_one_step_close(mine, {name: alone[k][name] for name in mine}, c.batch_size,
+                                               f'{loop}, {runs[k].name}: ')
+    gradient = next(v for name, v in together.items() if name.startswith('finetune/student_gradient/'))
+    assert not np.allclose(gradient[1], gradient[2]), 'the runs trained alike'
+
+
+def test_a_sweep_gives_each_run_the_results_of_that_run_alone(digits_teacher, tmp_path, monkeypatch, capsys):
+    """loss.channel_attention in (0, 5), interrupted and resumed, against the two runs alone:
+    the same accuracies to the spread that training amplifies rounding to; and what it writes."""
+    c = config_with(digits_teacher, 'bag', **{'quant.w_bits': 8, 'quant.a_bits': 8, 'epochs': 3})
+    c.sweep = {'loss.channel_attention': (0.0, 5.0)}
+    workdir = str(tmp_path / 'sweep')
+    interrupted(monkeypatch, lambda: experiment.run(c, workdir), epoch=2, phase='bag')
+    summary = experiment.run(c, workdir)
+    printed = capsys.readouterr().out
+    alone = [experiment.run(run_config, str(tmp_path / f'alone{k}'))
+             for k, run_config in enumerate(sweep.run_configs(c))]
+    assert summary['num_runs'] == 2 and summary['sweep'] == {'loss.channel_attention': [0.0, 5.0]}
+    for run, single in zip(summary['runs'], alone):
+        for key in ('ptq_top1', 'best_top1', 'last_top1'):
+            assert abs(run[key] - single[key]) <= trajectories.WHOLE_RUN_ACCURACY_SPREAD, (run['name'], key)
+    assert [r['name'] for r in summary['runs']] == ['loss.channel_attention=0_seed0', 'loss.channel_attention=5_seed0']
+    assert [g['overrides'] for g in summary['groups']] == [{'loss.channel_attention': 0.0},
+                                                             {'loss.channel_attention': 5.0}]
+    assert summary['groups'][1]['best_top1'] == {'mean': summary['runs'][1]['best_top1'], 'std': 0.0}
+    assert 'best_top1' not in summary, 'a sweep has no single accuracy'
+    # Each run's student, under its name, scores its last epoch.
+    for run in summary['runs']:
+        directory = os.path.join(workdir, dfq.STUDENTS_DIR, run['name'])
+        kind, _, _, meta = checkpoint.load_model(directory)
+        assert kind == 'student' and meta['overrides'] == run['overrides'] and meta['top1'] == run['last_top1']
+    # metrics.jsonl: every epoch once (the resumed one included), each run's accuracy.
+    lines = [m for m in metrics.read_metrics(workdir) if m['phase'] == 'bag']
+    assert [m['step'] for m in lines] == [1, 2, 3]
+    assert [lines[-1][f'top1/{r["name"]}'] for r in summary['runs']] == [r['last_top1'] for r in summary['runs']]
+    # The table printed at the end, and again by bag_jax.report from the files.
+    table = sweep.markdown_table(summary['groups'])
+    assert table in printed and '| loss.channel_attention | seeds | ptq_top1 |' in table
+    out = subprocess.run([sys.executable, '-m', 'bag_jax.report', workdir, str(tmp_path / 'alone0')], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    assert table in out and f'{alone[0]["best_top1"]:.2f}' in out
+
+
+def test_report_reads_old_summaries_and_says_what_is_missing(tmp_path):
+    old = {'method': 'bag', 'w_bits': 3, 'a_bits': 3, 'teacher_top1': 70.0, 'epochs': 400,
+           'ptq_top1': {'mean': 20.0, 'std': 1.0}, 'best_top1': {'mean': 50.0, 'std': 1.0},
+           'last_top1': {'mean': 49.0, 'std': 2.0}, 'best_epoch': [300, 310],
+           'per_seed': {'seed': [0, 1], 'ptq_top1': [19.0, 21.0], 'best_top1': [49.0, 51.0],
+                        'best_epoch': [300, 310], 'last_top1': [48.0, 50.0]}}
+    text = report.format_summary(old)
+    assert '| 0, 1 | 20.00 ± 1.41 | 50.00 ± 1.41 | 305.0 ± 7.1 | 49.00 ± 1.41 |' in text
+    assert report.main(['report', str(tmp_path)]) == 1
+    (tmp_path / 'summary.json').write_text(json.dumps({'top1': 90.0}))
+    with pytest.raises(ValueError, match='not the summary of a quantization run'):
+        report.read_summary(str(tmp_path))
