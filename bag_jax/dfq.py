@@ -381,12 +381,17 @@ def make_train_epoch(setup: Setup, mesh, num_seeds: int, loop: str = 'auto') -> 
             return state, jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs), axis=0), *per_iteration)
         # Runs sharing one row, one per call: vmapping over them turns XLA:CPU's convolutions
         # into grouped ones with batched kernels, which it runs far slower than K separate calls
-        # (bench/NOTES.md).
+        # (bench/NOTES.md). The runs do not depend on each other, so without a wait two of these
+        # calls would execute at once; on several CPU devices their all-reduces then wait for
+        # each other's threads until XLA aborts (a rendezvous timeout), so each call finishes
+        # before the next starts.
         runs = [jax.tree.map(lambda a: a[k], state) for k in range(num_seeds)]
         per_iteration = [[] for _ in runs]
         for _ in range(setup.iters_per_epoch):
             for k in range(num_seeds):
                 runs[k], step_metrics = compiled(runs[k], teacher_variables, epoch)
+                if mesh.devices.size > 1:
+                    jax.block_until_ready(step_metrics)
                 per_iteration[k].append(step_metrics)
         epoch_metrics = [jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *m) for m in per_iteration]
         stack = lambda *xs: jnp.stack(xs)
@@ -539,7 +544,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     eval_step = make_student_eval_step(setup, info, mesh)
     image_grid = make_image_grid(setup, config.seed, config.eval_batch_size)
 
-    history = {'top1': [], 'top5': []}
+    # diverged[k]: the epoch (1-based) in which run k's losses stopped being finite, or None.
+    history = {'top1': [], 'top5': [], 'diverged': [None] * K}
     ptq_top1, wall_s, start = None, 0.0, 0
     with checkpoint.TrainingCheckpoints(os.path.join(workdir, DFQ_STATE_DIR)) as ckpts, \
             metrics.MetricWriter(workdir) as writer:
@@ -547,6 +553,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         if restored is not None:
             start, state, meta = restored
             history, ptq_top1, wall_s = meta['history'], meta['ptq_top1'], meta['wall_s']
+            history.setdefault('diverged', [None] * K)
             if start > config.epochs:
                 raise ValueError(f'epochs={config.epochs} is fewer than the {start} epochs that the run in {workdir} '
                                  f'has finished: use epochs={start} or more to extend it, or a new --workdir.')
@@ -557,14 +564,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         for epoch in progress:
             t0 = time.time()
             state, epoch_metrics = train_epoch(state, teacher_variables, jnp.int32(epoch))
-            epoch_metrics = {k: np.asarray(v) for k, v in parallel.to_host(epoch_metrics).items()}
-            for name, values in epoch_metrics.items():
-                if not np.all(np.isfinite(values)):
-                    last = ckpts.latest_epoch()
-                    raise FloatingPointError(
-                        f'epoch {epoch + 1}: {name} is {values.tolist()} (not finite). Stopped; the last good checkpoint '
-                        f'({"none yet" if last is None else f"after epoch {last}"}) is kept in '
-                        f'{os.path.join(workdir, DFQ_STATE_DIR)}. Lower generator.lr/student.lr or check the teacher.')
+            epoch_metrics = {k: np.atleast_1d(np.asarray(v)) for k, v in parallel.to_host(epoch_metrics).items()}
+            live = _check_finite(epoch_metrics, history['diverged'], runs, epoch, ckpts.latest_epoch(),
+                                 os.path.join(workdir, DFQ_STATE_DIR))
             result = evaluate.evaluate(eval_step, student_variables(state, teacher_variables), dataset, mesh,
                                        config.eval_batch_size)
             top1, top5 = np.atleast_1d(result['top1']).tolist(), np.atleast_1d(result['top5']).tolist()
@@ -573,10 +575,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
             if epoch == config.warmup_epochs - 1:
                 ptq_top1 = top1     # calibrated, not yet fine-tuned
             wall_s += time.time() - t0
-            scalars = {k: float(v.mean()) for k, v in epoch_metrics.items()}
+            scalars = {k: float(v[live].mean()) for k, v in epoch_metrics.items()}    # of the runs still finite
             # The student does not step during warm-up: its rate is 0 there.
             lr_student = learning_rate(config.student.lr, jnp.int32(epoch), setup.lr_milestones, config.lr_decay)
-            scalars.update(top1=float(np.mean(top1)), top5=float(np.mean(top5)),
+            scalars.update(top1=float(np.mean(np.asarray(top1)[live])), top5=float(np.mean(np.asarray(top5)[live])),
                            lr_student=float(lr_student) if epoch >= config.warmup_epochs else 0.0,
                            epoch_s=time.time() - t0)
             if K > 1:     # each run's accuracies, under its name
@@ -607,7 +609,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 info, teacher_model, source=f'{config.method} from {teacher_meta["source"]}',
                 quant={'w_bits': setup.student.w_bits, 'a_bits': setup.student.a_bits,
                        'range_rule': config.quant.range_rule, 'ste': config.quant.ste},
-                top1=history['top1'][-1][k], epochs=config.epochs, seed=run.seed, overrides=dict(run.overrides))
+                top1=history['top1'][-1][k], epochs=config.epochs, seed=run.seed, overrides=dict(run.overrides),
+                diverged_epoch=history['diverged'][k])
             checkpoint.save_model(directory, variables, meta, 'student')
     summary = make_summary(config, runs, history, ptq_top1, teacher_top1, wall_s, devices)
     metrics.write_summary(workdir, summary)
@@ -615,6 +618,30 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     if jax.process_index() == 0:
         print(report.format_summary(summary), flush=True)
     return summary
+
+
+def _check_finite(epoch_metrics: dict[str, np.ndarray], diverged: list, runs: list[sweep.Run], epoch: int,
+                  last_checkpoint: int | None, state_dir: str) -> np.ndarray:
+    """Marks in `diverged` the runs whose losses stopped being finite in `epoch` (0-based) and
+    returns the indices of the runs still finite. A single run stops there, as does a program
+    whose every run has diverged (FloatingPointError naming the loss and the last good
+    checkpoint); among several, a diverged run is logged and left behind, and the others go on."""
+    finite = np.all([np.isfinite(v) for v in epoch_metrics.values()], axis=0)
+    for k in np.flatnonzero(~finite):
+        if diverged[k] is None:
+            diverged[k] = epoch + 1
+            if len(runs) > 1:
+                bad = [name for name, v in epoch_metrics.items() if not np.isfinite(v[k])]
+                logging.warning('run %s diverged in epoch %d (%s not finite): it is left behind, the other runs go on; '
+                                'its results count the epochs before.', runs[k].name, epoch + 1, ', '.join(bad))
+    live = np.asarray([k for k, d in enumerate(diverged) if d is None], int)
+    if not len(live):
+        name, values = next((n, v) for n, v in epoch_metrics.items() if not np.all(np.isfinite(v)))
+        raise FloatingPointError(
+            f'epoch {epoch + 1}: {name} is {values.tolist()} (not finite). Stopped; the last good checkpoint '
+            f'({"none yet" if last_checkpoint is None else f"after epoch {last_checkpoint}"}) is kept in '
+            f'{state_dir}. Lower generator.lr/student.lr or check the teacher.')
+    return live
 
 
 def _student_epochs(directory: str) -> int | None:
@@ -628,33 +655,30 @@ def _student_epochs(directory: str) -> int | None:
 def make_summary(config, runs: list[sweep.Run], history, ptq_top1, teacher_top1, wall_s, devices) -> dict[str, Any]:
     """The summary from the per-epoch accuracies (history['top1'][epoch][run], percent): `runs`
     (each run's) and `groups` (each sweep point's mean and std over its seeds, bag_jax.sweep);
-    without a sweep, also the accuracies at the top level (with several seeds as mean and std,
-    and a `per_seed` table)."""
-    results = sweep.run_results(runs, history['top1'], ptq_top1)
+    without a sweep, also the accuracies at the top level (with several seeds: mean and std over
+    those that did not diverge, and a `per_seed` table)."""
+    results = sweep.run_results(runs, history['top1'], ptq_top1, history.get('diverged'), config.warmup_epochs)
+    groups = sweep.groups_of(results)
     summary = {
         'method': config.method, 'w_bits': config.quant.w_bits, 'a_bits': config.quant.a_bits,
         'teacher_top1': teacher_top1,
     }
     swept = sweep.sweep_of(config)
+    keys = ('ptq_top1', 'best_top1', 'best_epoch', 'last_top1')
     if not swept:
-        single = len(runs) == 1
-        per_seed = {'seed': [r['seed'] for r in results], 'best_top1': [r['best_top1'] for r in results],
-                    'best_epoch': [r['best_epoch'] for r in results], 'last_top1': [r['last_top1'] for r in results],
-                    'ptq_top1': ptq_top1}
-        summary.update({
-            'ptq_top1': (ptq_top1[0] if single else sweep.mean_std(ptq_top1)) if ptq_top1 is not None else None,
-            'best_top1': per_seed['best_top1'][0] if single else sweep.mean_std(per_seed['best_top1']),
-            'best_epoch': per_seed['best_epoch'][0] if single else per_seed['best_epoch'],
-            'last_top1': per_seed['last_top1'][0] if single else sweep.mean_std(per_seed['last_top1']),
-        })
+        if len(runs) == 1:
+            summary.update({key: results[0][key] for key in keys})
+        else:
+            summary.update({key: groups[0][key] for key in keys if key != 'best_epoch'})
+            summary['best_epoch'] = [r['best_epoch'] for r in results]
     summary.update({
         'epochs': config.epochs, 'iterations': config.epochs * config.iters_per_epoch,
         'batch_size': config.batch_size, 'num_seeds': config.num_seeds, 'num_runs': len(runs),
         'sweep': {field: list(values) for field, values in swept.items()},
         'wall_s': wall_s, 'devices': devices,
-        'runs': results, 'groups': sweep.groups_of(results),
+        'runs': results, 'groups': groups,
         'note': 'best_top1 is the best epoch on the test split (how the papers report); last_top1 is the final epoch',
     })
     if not swept and len(runs) > 1:
-        summary['per_seed'] = per_seed
+        summary['per_seed'] = {key: [r[key] for r in results] for key in ('seed', *keys, 'diverged_epoch')}
     return summary

@@ -143,42 +143,36 @@ def device_split(config, num_runs: int, device_count: int) -> tuple[int, int]:
     fit (K runs, the batch, or the devices not divisible)."""
     batch = config.batch_size
     chosen = config.get('data_parallel')
+    # The devices per run that fit: they divide the devices and the batch, and the rows of the
+    # mesh (device_count / d) divide the runs.
+    fits = [d for d in range(1, device_count + 1)
+            if device_count % d == 0 and batch % d == 0 and num_runs % (device_count // d) == 0]
     if chosen is None:
         if num_runs == 1:
             chosen = device_count
+        elif not fits:
+            raise ValueError(
+                f'{num_runs} runs (sweep points x num_seeds) at batch_size={batch} do not split over {device_count} '
+                'devices: the devices per run must divide batch_size and the device count, and the runs must fill '
+                f'the other devices evenly. Make the run count a multiple of {device_count // math.gcd(device_count, batch)}, '
+                f'or batch_size a multiple of {device_count} (each run on all devices, one after the other).')
         else:
-            fits = [d for d in range(1, device_count + 1)
-                    if device_count % d == 0 and num_runs % (device_count // d) == 0 and batch % d == 0]
-            if not fits:
-                raise ValueError(
-                    f'{num_runs} runs (sweep points x num_seeds) at batch_size={batch} do not split over '
-                    f'{device_count} devices: the devices per run (data_parallel) must divide batch_size and the '
-                    f'device count, and the runs must fill the rest evenly. Use num_seeds or sweep values that make '
-                    f'the run count a multiple of {_runs_hint(device_count, batch)}, or set data_parallel.')
             chosen = min(fits)
     if not isinstance(chosen, numbers.Integral) or isinstance(chosen, bool) or chosen < 1:
         raise ValueError(f'data_parallel={chosen!r} is not allowed: use a number of devices per run that divides '
                          f'the {device_count} devices, or leave it unset.')
+    alternatives = f'use data_parallel in {fits}' if fits else 'change num_seeds, the sweep or batch_size'
     if device_count % chosen:
-        divisors = [d for d in range(1, device_count + 1) if device_count % d == 0]
-        raise ValueError(f'data_parallel={chosen} does not divide the {device_count} devices: use one of {divisors}.')
+        raise ValueError(f'data_parallel={chosen} does not divide the {device_count} devices: {alternatives}.')
     if batch % chosen:
         per_run = 'devices' if config.get('data_parallel') is None else 'devices per run (data_parallel)'
         raise ValueError(f'batch_size={batch} does not split over {chosen} {per_run}: use a multiple of {chosen}.')
     runs_axis = device_count // chosen
     if num_runs % runs_axis:
         raise ValueError(f'{num_runs} run(s) do not spread evenly over {runs_axis} groups of data_parallel={chosen} '
-                         f'devices ({device_count} devices): use data_parallel={_per_run_hint(num_runs, device_count)}, '
-                         f'or a run count (sweep points x num_seeds) that is a multiple of {runs_axis}.')
+                         f'devices ({device_count} devices): {alternatives}, or make the run count (sweep points x '
+                         f'num_seeds) a multiple of {runs_axis}.')
     return runs_axis, chosen
-
-
-def _runs_hint(device_count: int, batch: int) -> int:
-    return device_count // math.gcd(device_count, batch)
-
-
-def _per_run_hint(num_runs: int, device_count: int) -> int:
-    return device_count // math.gcd(num_runs, device_count)
 
 
 def mean_std(values: list[float]) -> dict[str, float]:
@@ -187,43 +181,61 @@ def mean_std(values: list[float]) -> dict[str, float]:
     return {'mean': float(arr.mean()), 'std': float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
 
 
-def run_results(runs: list[Run], history_top1, ptq_top1) -> list[dict[str, Any]]:
-    """summary.json's `runs`: for each run its overrides, seed, ptq_top1, best_top1, best_epoch
-    (1-based) and last_top1, from the per-epoch accuracies history_top1[epoch][run] (%)."""
+def run_results(runs: list[Run], history_top1, ptq_top1, diverged=None, ptq_epoch: int = 0) -> list[dict[str, Any]]:
+    """summary.json's `runs`: for each run its name, overrides, seed, ptq_top1, best_top1,
+    best_epoch (1-based), last_top1 and diverged_epoch, from the per-epoch accuracies
+    history_top1[epoch][run] (%) and the epoch (1-based) in which each run's losses stopped being
+    finite (`diverged`, None for a run that did not). A diverged run's best counts the epochs
+    before that one, and it has no last_top1 (nor a ptq_top1 if it diverged by `ptq_epoch`, the
+    epoch after which ptq_top1 was measured)."""
     top1 = np.asarray(history_top1, np.float64)     # (epochs, K)
-    best = top1.argmax(axis=0)
-    return [{'name': run.name, 'overrides': dict(run.overrides), 'seed': run.seed,
-             'ptq_top1': None if ptq_top1 is None else ptq_top1[k], 'best_top1': float(top1[best[k], k]),
-             'best_epoch': int(best[k]) + 1, 'last_top1': float(top1[-1, k])} for k, run in enumerate(runs)]
+    diverged = [None] * len(runs) if diverged is None else diverged
+    results = []
+    for k, run in enumerate(runs):
+        good = top1[:, k] if diverged[k] is None else top1[:diverged[k] - 1, k]
+        best = int(good.argmax()) if len(good) else None
+        results.append({
+            'name': run.name, 'overrides': dict(run.overrides), 'seed': run.seed,
+            'ptq_top1': None if ptq_top1 is None or (diverged[k] is not None and diverged[k] <= ptq_epoch)
+            else ptq_top1[k],
+            'best_top1': None if best is None else float(good[best]), 'best_epoch': None if best is None else best + 1,
+            'last_top1': float(top1[-1, k]) if diverged[k] is None else None, 'diverged_epoch': diverged[k]})
+    return results
 
 
 def groups_of(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """summary.json's `groups`: for each sweep point (in order), the seeds and the mean and std
-    over them of ptq_top1, best_top1, best_epoch and last_top1."""
+    """summary.json's `groups`: for each sweep point (in order), its seeds, how many of its runs
+    diverged, and the mean and std of ptq_top1, best_top1, best_epoch and last_top1 over the
+    runs that have the value (a diverged run has no last_top1)."""
     points: dict[tuple, list[dict]] = {}
     for r in results:
         points.setdefault(tuple(r['overrides'].items()), []).append(r)
     groups = []
     for overrides, members in points.items():
-        group = {'overrides': dict(overrides), 'seeds': [r['seed'] for r in members]}
+        group = {'overrides': dict(overrides), 'seeds': [r['seed'] for r in members],
+                 'diverged': sum(r.get('diverged_epoch') is not None for r in members)}
         for key in ('ptq_top1', 'best_top1', 'best_epoch', 'last_top1'):
-            values = [r[key] for r in members]
-            group[key] = None if any(v is None for v in values) else mean_std(values)
+            values = [r[key] for r in members if r[key] is not None]
+            group[key] = mean_std(values) if values else None
         groups.append(group)
     return groups
 
 
 def markdown_table(groups: list[dict[str, Any]]) -> str:
     """The groups as a Markdown table: one row per sweep point, accuracies as mean ± std over
-    its seeds (%)."""
+    its seeds (%); a `diverged` column ("1 of 2") when some run's losses stopped being finite
+    (its accuracies count the epochs before, and its last_top1 none)."""
     fields = list(groups[0]['overrides']) if groups else []
     cell = lambda s, digits=2: 'n/a' if s is None else (
         f'{s["mean"]:.{digits}f} ± {s["std"]:.{digits}f}' if s['std'] else f'{s["mean"]:.{digits}f}')
-    header = [*fields, 'seeds', 'ptq_top1', 'best_top1', 'best_epoch', 'last_top1']
+    diverged = any(g.get('diverged') for g in groups)
+    header = [*fields, 'seeds', 'ptq_top1', 'best_top1', 'best_epoch', 'last_top1'] + (['diverged'] if diverged else [])
     lines = ['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
     for g in groups:
         row = [_format(g['overrides'][f]) for f in fields] + [
             ', '.join(str(s) for s in g['seeds']), cell(g['ptq_top1']), cell(g['best_top1']),
             cell(g['best_epoch'], 1), cell(g['last_top1'])]
+        if diverged:
+            row.append(f'{g["diverged"]} of {len(g["seeds"])}')
         lines.append('| ' + ' | '.join(row) + ' |')
     return '\n'.join(lines)

@@ -142,8 +142,12 @@ def validate_quantize(config) -> None:
     _choice(config, 'quant.ste', quant.STE_MODES)
     _int(config, 'seed', 0)
     _int(config, 'num_seeds', 1)
-    if 'sweep' in config:
-        sweep.sweep_of(config)
+    if 'sweep' in config and sweep.sweep_of(config):
+        for run_config in sweep.run_configs(config):   # each swept value as the field allows it
+            try:
+                validate_quantize(run_config)
+            except ValueError as e:
+                raise ValueError(f'in a run of the sweep: {e}') from None
     if config.get('data_parallel') is not None:
         _int(config, 'data_parallel', 1)
     _int(config, 'batch_size', 2)   # the generator's batch statistics need two samples

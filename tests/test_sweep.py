@@ -46,6 +46,8 @@ def test_runs_are_the_product_of_the_sweep_values_times_the_seeds():
     ({'student.lr': ('a', 'b')}, 'every value must be a number'),
     ({'student.lr': (0.1, 0.1)}, 'repeats a value'),
     ('student.lr', 'use a dict of dotted config fields'),
+    ({'student.lr': (0.1, -1)}, 'in a run of the sweep: student.lr=-1.0 is not allowed: use a number greater than 0'),
+    ({'loss.lambda_l': (0.1, 0.9)}, 'in a run of the sweep: loss.lambda_l=0.9 is above loss.lambda_u=0.8'),
 ])
 def test_sweeps_that_would_change_the_program_are_refused(sweep_value, message):
     c = tiny_config('bag')
@@ -62,17 +64,18 @@ def test_device_split_defaults_and_refusals():
     assert split(2, 4) == (2, 2) and split(4, 4) == (4, 1) and split(8, 4) == (4, 1)   # runs first
     assert split(3, 4) == (1, 4)              # 3 runs cannot spread over 4 devices: they share them
     assert split(4, 4, data_parallel=2) == (2, 2)
-    with pytest.raises(ValueError, match=r'data_parallel=3 does not divide the 4 devices: use one of \[1, 2, 4\]'):
+    with pytest.raises(ValueError, match=r'data_parallel=3 does not divide the 4 devices: use data_parallel in \[1, 2, 4\]'):
         split(4, 4, data_parallel=3)
     with pytest.raises(ValueError, match=r'1 run\(s\) do not spread evenly over 2 groups of data_parallel=2'):
         split(1, 4, data_parallel=2)
     with pytest.raises(ValueError, match=r'batch_size=8 does not split over 16 devices per run \(data_parallel\)'):
         split(1, 16, data_parallel=16)
-    with pytest.raises(ValueError, match=r'3 runs \(sweep points x num_seeds\) at batch_size=6 do not split over 4'):
+    with pytest.raises(ValueError, match=r'3 runs \(sweep points x num_seeds\) at batch_size=6 do not split over 4 '
+                                         r'.* a multiple of 2, or batch_size a multiple of 4'):
         sweep.device_split(_with(c, batch_size=6), 3, 4)
     # run.py checks it before anything is loaded, naming the field.
     bad = _with(c, num_seeds=1, data_parallel=2)
-    with pytest.raises(ValueError, match='over 2 groups of data_parallel=2 devices .*: use data_parallel=4'):
+    with pytest.raises(ValueError, match=r'over 2 groups of data_parallel=2 devices .*: use data_parallel in \[4\]'):
         validation.check_device_split(bad, 4)
 
 
@@ -162,3 +165,24 @@ def test_report_reads_old_summaries_and_says_what_is_missing(tmp_path):
     (tmp_path / 'summary.json').write_text(json.dumps({'top1': 90.0}))
     with pytest.raises(ValueError, match='not the summary of a quantization run'):
         report.read_summary(str(tmp_path))
+
+
+def test_a_diverged_run_is_left_behind_and_the_others_go_on(digits_teacher, tmp_path):
+    """student.lr = 1e30 sends one run's student to inf in its first fine-tuning iteration: that
+    run is marked diverged in epoch 2, its results count epoch 1 only, and the other run finishes
+    as usual. When every run has diverged the program stops, as a single run does."""
+    c = config_with(digits_teacher, 'adadfq')
+    c.sweep = {'student.lr': (1e-4, 1e30)}
+    summary = dfq.train_and_evaluate(c, str(tmp_path / 'one'))
+    ok, diverged = summary['runs']
+    assert ok['diverged_epoch'] is None and ok['last_top1'] is not None
+    assert diverged['diverged_epoch'] == 2 and diverged['last_top1'] is None and diverged['best_epoch'] == 1
+    assert [g['diverged'] for g in summary['groups']] == [0, 1]
+    assert '| diverged |' in sweep.markdown_table(summary['groups'])
+    line = metrics.read_metrics(str(tmp_path / 'one'))[-1]
+    assert np.isfinite(line['loss_s']) and line['top1'] == line[f'top1/{ok["name"]}']   # the finite run's
+    assert checkpoint.load_model(str(tmp_path / 'one' / dfq.STUDENTS_DIR / diverged['name']))[3]['diverged_epoch'] == 2
+    c.sweep = {'student.lr': (1e29, 1e30)}
+    with pytest.raises(FloatingPointError, match=r'epoch 2: .* \(not finite\). Stopped; the last good checkpoint '
+                                                 r'\(after epoch 1\)'):
+        dfq.train_and_evaluate(c, str(tmp_path / 'both'))
