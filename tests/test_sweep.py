@@ -2,10 +2,12 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -116,6 +118,25 @@ def test_two_runs_on_two_rows_match_each_run_alone_on_two_devices(digits_teacher
     assert not np.allclose(gradient[1], gradient[2]), 'the runs trained alike'
 
 
+def test_runs_on_cpu_stay_unbatched_programs(digits_teacher):
+    """On CPU the runs of a row are computed each on its own, so every convolution is the plain
+    single-run one (feature_group_count 1): vmapped runs would batch the kernels into grouped
+    convolutions, which XLA:CPU runs several times slower. The scanned (accelerator) program
+    of the same 4 runs on 2 rows is vmapped, and shows them."""
+    c = config_with(digits_teacher, 'adadfq')
+    setup, variables = make_setup(c)
+    mesh = parallel.make_mesh(runs=2)
+    state = dfq.init_states(setup, variables, 0, 4, mesh)
+    teacher_variables = parallel.replicate(variables, mesh)
+
+    def groups(loop):
+        program = dfq.make_train_epoch(setup, mesh, 4, loop).program(dfq.phase_of(setup, 1))
+        text = program.lower(state, teacher_variables, jnp.int32(1)).as_text()
+        return set(re.findall(r'feature_group_count = (\d+)', text))
+    assert groups('python') == {'1'}
+    assert groups('scan') == {'1', '2'}
+
+
 def test_a_sweep_gives_each_run_the_results_of_that_run_alone(digits_teacher, tmp_path, monkeypatch, capsys):
     """loss.channel_attention in (0, 5), interrupted and resumed, against the two runs alone:
     the same accuracies to the spread that training amplifies rounding to; and what it writes."""
@@ -186,3 +207,13 @@ def test_a_diverged_run_is_left_behind_and_the_others_go_on(digits_teacher, tmp_
     with pytest.raises(FloatingPointError, match=r'epoch 2: .* \(not finite\). Stopped; the last good checkpoint '
                                                  r'\(after epoch 1\)'):
         dfq.train_and_evaluate(c, str(tmp_path / 'both'))
+
+
+def test_the_command_line_takes_a_sweep_as_json(tmp_path):
+    """`--config.sweep=JSON` reaches the config as a dict (here refused for its field, which
+    proves it was read, before anything is loaded)."""
+    out = subprocess.run([sys.executable, 'run.py', '--config=tests/tiny_config.py', f'--workdir={tmp_path / "w"}',
+                          '--config.sweep={"quant.w_bits": [3, 4], "student.lr": [0.1]}'], cwd=ROOT,
+                         capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].startswith("run.py: error: sweep field 'quant.w_bits' cannot be swept")
