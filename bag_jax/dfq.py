@@ -332,7 +332,7 @@ def make_train_epoch(setup: Setup, mesh, num_seeds: int, loop: str = 'auto') -> 
         """fn of one run -> fn of a state with a leading run axis: vmapped (`vectorize`) or each
         run computed on its own, one after the other, in the same program."""
         if local == 1:
-            return _with_seed_axis(fn)
+            return _with_run_axis(fn)
         if vectorize:
             return jax.vmap(fn, in_axes=(0, None, None))
 
@@ -414,8 +414,8 @@ def make_train_epoch(setup: Setup, mesh, num_seeds: int, loop: str = 'auto') -> 
     return epoch_fn
 
 
-def _with_seed_axis(fn):
-    """Runs a one-seed function on a state with a leading seed axis of size 1 (no vmap needed)."""
+def _with_run_axis(fn):
+    """Runs a one-run function on a state with a leading run axis of size 1 (no vmap needed)."""
     def wrapped(state, *args):
         out = fn(jax.tree.map(lambda a: a[0], state), *args)
         return jax.tree.map(lambda a: a[None], out)
