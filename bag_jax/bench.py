@@ -127,13 +127,11 @@ def run_bench(config, steps: int, repeats: int, parts: bool = False) -> dict:
     with config.unlocked():
         config.iters_per_epoch = steps
     validation.validate_quantize(config)
-    runs = sweep.runs_of(config)
+    runs, mesh = dfq.runs_and_mesh(config)     # the mesh training would use
     K = len(runs)
-    rows, per_run = sweep.device_split(config, K, jax.device_count())
     info = bench_info(config)
     teacher_model, teacher_host = random_teacher(info, teacher_architecture(config, info), config.seed)
     setup = dfq.build_setup(config, teacher_model, info)
-    mesh = parallel.make_mesh(runs=rows)
     teacher_variables = parallel.replicate(teacher_host, mesh)
     state = dfq.init_states(setup, teacher_host, config.seed, K, mesh, seeds=[r.seed for r in runs],
                             hparams=sweep.hyperparameters(config))
@@ -161,7 +159,7 @@ def run_bench(config, steps: int, repeats: int, parts: bool = False) -> dict:
         'method': config.method, 'w_bits': config.quant.w_bits, 'a_bits': config.quant.a_bits,
         'batch_size': config.batch_size, 'num_seeds': config.num_seeds, 'num_runs': K,
         'sweep': {field: list(values) for field, values in sweep.sweep_of(config).items()},
-        'mesh_runs': rows, 'mesh_data': per_run, 'steps': steps, 'repeats': repeats,
+        'mesh_runs': mesh.shape[parallel.RUNS_AXIS], 'mesh_data': mesh.shape[parallel.DATA_AXIS], 'steps': steps, 'repeats': repeats,
         'epoch_loop': train_epoch.loop,
         'step_s_median': statistics.median(times), 'step_s_min': min(times), 'compile_s': compile_s,
         'step_s_per_run': statistics.median(times) / K,

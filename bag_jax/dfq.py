@@ -513,6 +513,14 @@ def load_teacher_for(config, workdir: str, dataset: data.ArrayDataset):
     return model, variables, meta, dataclasses.replace(info, image_shape=dataset.info.image_shape)
 
 
+def runs_and_mesh(config) -> tuple[list[sweep.Run], Any]:
+    """The config's runs (seeds x sweep points, bag_jax.sweep) and the ('runs', 'data') mesh of
+    every device they train on; ValueError naming the field when they do not split over it."""
+    runs = sweep.runs_of(config)
+    rows, _ = sweep.device_split(config, len(runs), jax.device_count())
+    return runs, parallel.make_mesh(runs=rows)
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     """Runs data-free quantization as `config` says: one run, or the K runs of its seeds and
     sweep (bag_jax.sweep) in one program. Returns the summary written to
@@ -520,17 +528,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     std over its seeds)."""
     validation.validate_config(config)
     devices = jax.device_count()
-    runs = sweep.runs_of(config)
+    runs, mesh = runs_and_mesh(config)
     K = len(runs)
-    rows, _ = sweep.device_split(config, K, devices)
     validation.check_divisible(config.eval_batch_size, devices, 'eval_batch_size')
     dataset = data.load_dataset(config.data)
     teacher_model, teacher_host, teacher_meta, info = load_teacher_for(config, workdir, dataset)
     setup = build_setup(config, teacher_model, info)
-    mesh = parallel.make_mesh(runs=rows)
     if K > 1:
-        logging.info('%d runs (%s) on a %d x %d (runs x data) mesh', K, ', '.join(r.name for r in runs), rows,
-                     devices // rows)
+        logging.info('%d runs (%s) on a %s (runs x data) mesh', K, ', '.join(r.name for r in runs),
+                     ' x '.join(map(str, mesh.devices.shape)))
     teacher_variables = parallel.replicate(teacher_host, mesh)
 
     # The teacher's own top-1, measured here on the same test split.
