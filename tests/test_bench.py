@@ -17,6 +17,7 @@ def test_bench_reports_every_field():
     result = bench.run_bench(c, steps=2, repeats=1)
     assert c.to_dict() == before, 'run_bench changed its caller\'s config'
     assert result['steps'] == 2
+    assert result['compiled_while_timed'] == 0, 'a timed call compiled a program: the times include XLA'
     for key in ('step_s_median', 'step_s_min', 'compile_s', 'images_per_s', 'peak_rss_mb', 'device_kind',
                 'device_count', 'device_peak_bytes', 'epoch_loop'):
         assert key in result
