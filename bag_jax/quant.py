@@ -127,15 +127,16 @@ def quantize_weight(w: jax.Array, bits: Optional[int], ste: str = 'identity') ->
     return fake_quant(w, *weight_range(w), bits, ste)
 
 
-def quantized_conv(w_bits: Optional[int], ste: str = 'identity'):
-    """A drop-in for `lax.conv_general_dilated` that fake-quantizes the kernel (the rhs) first.
+def quantized_conv(w_bits: Optional[int], ste: str = 'identity', conv=jax.lax.conv_general_dilated):
+    """A drop-in for `lax.conv_general_dilated` (or `conv`, which takes its arguments) that
+    fake-quantizes the kernel (the rhs) first.
 
     Passed to `nn.Conv(conv_general_dilated=...)` so quantized and full-precision convolutions
     share parameter names and layouts, and teacher weights copy to the student as they are.
     """
-    def conv(lhs, rhs, *args, **kwargs):
-        return jax.lax.conv_general_dilated(lhs, quantize_weight(rhs, w_bits, ste), *args, **kwargs)
-    return conv
+    def quantized(lhs, rhs, *args, **kwargs):
+        return conv(lhs, quantize_weight(rhs, w_bits, ste), *args, **kwargs)
+    return quantized
 
 
 def quantized_dot_general(w_bits: Optional[int], ste: str = 'identity'):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bag_jax.models import Generator, ResNetCifar, bn_input_pairs, unit_features
+from bag_jax.models import Generator, ResNetCifar, bn_input_pairs, generator, unit_features
 from tests.test_quant import numpy_reference
 
 
@@ -177,6 +177,57 @@ def test_bag_generator_quantizes_linear_and_conv_weights_only():
     expected = fp.apply({'params': _quantize_kernels_numpy(v['params'], 3)}, z, y)   # embedding stays FP
     np.testing.assert_allclose(bag.apply(v, z, y), expected, rtol=1e-4, atol=1e-4)
     assert not np.allclose(bag.apply(v, z, y), fp.apply(v, z, y), atol=1e-3)
+
+
+def _conv_of_upsampled(lhs, rhs, *args, **kwargs):
+    """The generator's layer as the reference writes it: nearest x2 upsampling, then the conv."""
+    upsampled = jnp.repeat(jnp.repeat(lhs, 2, axis=1), 2, axis=2)
+    return jax.lax.conv_general_dilated(upsampled, rhs, *args, **kwargs)
+
+
+@pytest.mark.parametrize('shape', [(2, 4, 4, 8), (3, 3, 5, 2)])
+def test_upsample2x_conv_matches_the_conv_of_the_upsampled_input(shape):
+    """The sub-pixel convolution against lax.conv_general_dilated on the upsampled input: the
+    values and both gradients (input and kernel), square and odd, non-square sizes."""
+    kx, kk, kg = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(kx, shape)
+    kernel = jax.random.normal(kk, (3, 3, shape[-1], 6))
+    cotangent = jax.random.normal(kg, (shape[0], 2 * shape[1], 2 * shape[2], 6))
+    args = ((1, 1), ((1, 1), (1, 1)))
+    dn = jax.lax.conv_dimension_numbers(shape, kernel.shape, ('NHWC', 'HWIO', 'NHWC'))
+    results = {}
+    for name, conv in [('subpixel', generator.upsample2x_conv), ('reference', _conv_of_upsampled)]:
+        loss = lambda x, k: jnp.sum(conv(x, k, *args, dimension_numbers=dn) * cotangent)
+        results[name] = (conv(x, kernel, *args, dimension_numbers=dn),) + jax.grad(loss, argnums=(0, 1))(x, kernel)
+    for ours, reference in zip(results['subpixel'], results['reference']):
+        assert ours.shape == reference.shape
+        np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(reference))))
+    with pytest.raises(ValueError, match='3x3, stride-1'):
+        generator.upsample2x_conv(x, kernel, (2, 2), ((1, 1), (1, 1)))
+
+
+def test_generator_matches_the_upsample_then_conv_layers(monkeypatch):
+    """The BAG generator (quantized kernels, QuantActs) with its sub-pixel convs against the same
+    generator with the reference's upsample-then-conv layers: the loss and the parameter gradients,
+    relative to the whole gradient's largest entry (the conv biases before a batch-statistics BN
+    have gradients that are zero up to rounding)."""
+    gen = Generator(num_classes=10, image_shape=(8, 8, 3), latent_dim=16, w_bits=3, a_bits=3)
+    z, y = jax.random.normal(jax.random.PRNGKey(1), (6, 16)), jnp.arange(6)
+    v = gen.init(jax.random.PRNGKey(0), z, y)
+    weights = jax.random.normal(jax.random.PRNGKey(2), (6, 8, 8, 3))
+
+    def run():
+        def loss(params):
+            return jnp.sum(gen.apply({**v, 'params': params}, z, y) * weights)
+        return jax.value_and_grad(loss)(v['params'])
+    (loss, grads) = run()
+    monkeypatch.setattr(generator, 'upsample2x_conv', _conv_of_upsampled)
+    (reference_loss, reference_grads) = run()
+    np.testing.assert_allclose(loss, reference_loss, rtol=1e-5)
+    assert jax.tree.structure(grads) == jax.tree.structure(reference_grads)
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(reference_grads))
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(reference_grads)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * scale)
 
 
 def test_generator_activation_quantizers():
