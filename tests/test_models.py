@@ -185,30 +185,38 @@ def _conv_of_upsampled(lhs, rhs, *args, **kwargs):
     return jax.lax.conv_general_dilated(upsampled, rhs, *args, **kwargs)
 
 
-@pytest.mark.parametrize('shape', [(2, 4, 4, 8), (3, 3, 5, 2)])
-def test_upsample2x_conv_matches_the_conv_of_the_upsampled_input(shape):
-    """The sub-pixel convolution against lax.conv_general_dilated on the upsampled input: the
-    values and both gradients (input and kernel), square and odd, non-square sizes."""
+@pytest.mark.parametrize('ours, reference, shape, features', [
+    (generator.upsample2x_conv, _conv_of_upsampled, (2, 4, 4, 8), 6),     # kernel gradient: shifted inputs
+    (generator.upsample2x_conv, _conv_of_upsampled, (3, 3, 5, 2), 6),
+    (generator.upsample2x_conv, _conv_of_upsampled, (2, 3, 4, 32), 3),    # (the 2x2 conv has 12 outputs)
+    (generator.conv3x3, jax.lax.conv_general_dilated, (2, 5, 4, 8), 3),   # shifted cotangents
+    (generator.conv3x3, jax.lax.conv_general_dilated, (2, 4, 6, 3), 8),   # shifted inputs
+])
+def test_generator_convs_match_lax_conv(ours, reference, shape, features):
+    """The generator's convolutions against lax.conv_general_dilated (on the upsampled input for
+    the sub-pixel one): the values and both gradients (input and kernel, the latter computed by
+    the custom VJP's matmuls), square and odd, non-square sizes."""
     kx, kk, kg = jax.random.split(jax.random.PRNGKey(0), 3)
     x = jax.random.normal(kx, shape)
-    kernel = jax.random.normal(kk, (3, 3, shape[-1], 6))
-    cotangent = jax.random.normal(kg, (shape[0], 2 * shape[1], 2 * shape[2], 6))
+    kernel = jax.random.normal(kk, (3, 3, shape[-1], features))
+    scale = 2 if ours is generator.upsample2x_conv else 1
+    cotangent = jax.random.normal(kg, (shape[0], scale * shape[1], scale * shape[2], features))
     args = ((1, 1), ((1, 1), (1, 1)))
     dn = jax.lax.conv_dimension_numbers(shape, kernel.shape, ('NHWC', 'HWIO', 'NHWC'))
     results = {}
-    for name, conv in [('subpixel', generator.upsample2x_conv), ('reference', _conv_of_upsampled)]:
+    for name, conv in [('ours', ours), ('reference', reference)]:
         loss = lambda x, k: jnp.sum(conv(x, k, *args, dimension_numbers=dn) * cotangent)
         results[name] = (conv(x, kernel, *args, dimension_numbers=dn),) + jax.grad(loss, argnums=(0, 1))(x, kernel)
-    for ours, reference in zip(results['subpixel'], results['reference']):
-        assert ours.shape == reference.shape
-        np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(reference))))
+    for a, b in zip(results['ours'], results['reference']):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(b))))
     with pytest.raises(ValueError, match='3x3, stride-1'):
-        generator.upsample2x_conv(x, kernel, (2, 2), ((1, 1), (1, 1)))
+        ours(x, kernel, (2, 2), ((1, 1), (1, 1)))
 
 
 def test_generator_matches_the_upsample_then_conv_layers(monkeypatch):
-    """The BAG generator (quantized kernels, QuantActs) with its sub-pixel convs against the same
-    generator with the reference's upsample-then-conv layers: the loss and the parameter gradients,
+    """The BAG generator (quantized kernels, QuantActs) with its sub-pixel and custom-gradient
+    convs against the same generator with the reference's upsample-then-conv layers: the loss and the parameter gradients,
     relative to the whole gradient's largest entry (the conv biases before a batch-statistics BN
     have gradients that are zero up to rounding)."""
     gen = Generator(num_classes=10, image_shape=(8, 8, 3), latent_dim=16, w_bits=3, a_bits=3)
@@ -222,6 +230,7 @@ def test_generator_matches_the_upsample_then_conv_layers(monkeypatch):
         return jax.value_and_grad(loss)(v['params'])
     (loss, grads) = run()
     monkeypatch.setattr(generator, 'upsample2x_conv', _conv_of_upsampled)
+    monkeypatch.setattr(generator, 'conv3x3', jax.lax.conv_general_dilated)
     (reference_loss, reference_grads) = run()
     np.testing.assert_allclose(loss, reference_loss, rtol=1e-5)
     assert jax.tree.structure(grads) == jax.tree.structure(reference_grads)

@@ -55,33 +55,67 @@ _PHASE_TAPS = np.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], np.floa
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv2x2(padded, kernel, precision=None):
-    """A VALID 2x2 convolution (NHWC, HWIO) whose kernel gradient is four matmuls.
+def _valid_conv(padded, kernel, precision=None):
+    """A VALID, stride-1 convolution (NHWC, HWIO) whose kernel gradient is matmuls.
 
-    XLA:CPU computes a convolution's kernel gradient as another convolution, with the output's
-    spatial size as its window: at batch 200 the generator's second layer spent 0.6 s there
-    per iteration (bench/NOTES.md). The gradient is sum over (n, y, x) of input[n, y + r, x + s] x
-    cotangent[n, y, x] for each of the 2x2 taps (r, s): four plain matmuls. The input gradient
-    stays XLA's transposed convolution.
+    XLA:CPU computes a convolution's kernel gradient as another convolution whose window is the
+    output's spatial size; for the generator's layers that is slow: at batch 200 its second layer
+    spent 0.6 s per iteration there and its last (64 -> 3 channels) 0.11 s (bench/NOTES.md). The
+    gradient of tap (r, s) is the sum over (n, y, x) of input[n, y + r, x + s] x cotangent[n, y, x]:
+    one matmul per tap over shifted copies of the input, or, when the output has fewer channels,
+    one matmul of the input with shifted copies of the (zero-padded) cotangent side by side. The
+    input gradient stays XLA's transposed convolution. Used by the generator only: for the
+    classifiers' 16-64-channel convs XLA's own kernel gradient was as fast or faster.
     """
     return jax.lax.conv_general_dilated(padded, kernel, (1, 1), 'VALID', dimension_numbers=_NHWC, precision=precision)
 
 
-def _conv2x2_forward(padded, kernel, precision):
-    return _conv2x2(padded, kernel, precision), (padded, kernel)
+def _valid_conv_forward(padded, kernel, precision):
+    return _valid_conv(padded, kernel, precision), (padded, kernel)
 
 
-def _conv2x2_backward(precision, residuals, cotangent):
+def _valid_conv_backward(precision, residuals, cotangent):
     padded, kernel = residuals
+    kh, kw, in_features, out_features = kernel.shape
     _, input_vjp = jax.vjp(lambda x: jax.lax.conv_general_dilated(x, kernel, (1, 1), 'VALID', dimension_numbers=_NHWC,
                                                                   precision=precision), padded)
-    height, width = cotangent.shape[1:3]
-    taps = [[jnp.einsum('nyxi,nyxo->io', padded[:, r:r + height, s:s + width], cotangent, precision=precision)
-             for s in range(2)] for r in range(2)]
-    return input_vjp(cotangent)[0], jnp.stack([jnp.stack(row) for row in taps])
+    taps = [(r, s) for r in range(kh) for s in range(kw)]
+    if in_features <= out_features:     # shift the input: taps x (B, h, w, in) copies
+        h, w = cotangent.shape[1:3]
+        grad = jnp.stack([jnp.einsum('nyxi,nyxo->io', padded[:, r:r + h, s:s + w], cotangent, precision=precision)
+                          for r, s in taps]).reshape(kernel.shape)
+    else:                               # shift the cotangent: taps x (B, H, W, out) copies
+        h, w = padded.shape[1:3]
+        g = jnp.pad(cotangent, ((0, 0), (kh - 1, kh - 1), (kw - 1, kw - 1), (0, 0)))
+        shifted = jnp.concatenate([g[:, kh - 1 - r:kh - 1 - r + h, kw - 1 - s:kw - 1 - s + w] for r, s in taps], -1)
+        grad = jnp.einsum('nyxp,nyxi->pi', shifted, padded, precision=precision)
+        grad = grad.reshape(kh, kw, out_features, in_features).transpose(0, 1, 3, 2)
+    return input_vjp(cotangent)[0], grad
 
 
-_conv2x2.defvjp(_conv2x2_forward, _conv2x2_backward)
+_valid_conv.defvjp(_valid_conv_forward, _valid_conv_backward)
+
+
+def _check_conv_call(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                     feature_group_count, name):
+    dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+    if (rhs.shape[:2] != (3, 3) or tuple(window_strides) != (1, 1) or tuple(map(tuple, padding)) != ((1, 1), (1, 1))
+            or tuple(lhs_dilation or (1, 1)) != (1, 1) or tuple(rhs_dilation or (1, 1)) != (1, 1)
+            or feature_group_count != 1 or (dimension_numbers is not None and dimension_numbers != dn)):
+        raise ValueError(f'{name} computes a 3x3, stride-1, padding-1, ungrouped NHWC/HWIO conv only')
+
+
+def _pad1(x):
+    return jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
+def conv3x3(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+            feature_group_count=1, precision=None):
+    """`lax.conv_general_dilated` for the generator's 3x3 convs (stride 1, padding 1, NHWC/HWIO),
+    the same function with the kernel gradient of `_valid_conv`."""
+    _check_conv_call(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                     feature_group_count, 'conv3x3')
+    return _valid_conv(_pad1(lhs), rhs, precision)
 
 
 def upsample2x_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -96,17 +130,14 @@ def upsample2x_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_di
     The call signature is `lax.conv_general_dilated`'s, so it drops into `nn.Conv` (through
     `quant.quantized_conv`, which quantizes the 3x3 kernel first) and keeps its parameters.
     """
-    dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
-    if (rhs.shape[:2] != (3, 3) or tuple(window_strides) != (1, 1) or tuple(map(tuple, padding)) != ((1, 1), (1, 1))
-            or tuple(lhs_dilation or (1, 1)) != (1, 1) or tuple(rhs_dilation or (1, 1)) != (1, 1)
-            or feature_group_count != 1 or (dimension_numbers is not None and dimension_numbers != dn)):
-        raise ValueError('upsample2x_conv computes a 3x3, stride-1, padding-1, ungrouped NHWC/HWIO conv only')
+    _check_conv_call(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                     feature_group_count, 'upsample2x_conv')
     batch, height, width, _ = lhs.shape
     features = rhs.shape[-1]
     taps = jnp.asarray(_PHASE_TAPS, rhs.dtype)
     # (2, 2, I, O) per phase (a, c), side by side as (2, 2, I, 2 * 2 * O).
     kernel = jnp.einsum('ary,csx,yxio->rsiaco', taps, taps, rhs).reshape(2, 2, rhs.shape[2], 4 * features)
-    z = _conv2x2(jnp.pad(lhs, ((0, 0), (1, 1), (1, 1), (0, 0))), kernel, precision)
+    z = _valid_conv(_pad1(lhs), kernel, precision)
     z = z.reshape(batch, height + 1, width + 1, 2, 2, features)
     # Phase (a, c) of output pixel (i, j) is z[i + a, j + c, a, c].
     phases = [[z[:, a:a + height, c:c + width, a, c] for c in range(2)] for a in range(2)]
@@ -156,7 +187,7 @@ class Generator(nn.Module):
 
     def _conv(self, features: int, fan_in: int, name: str, upsample: bool = False) -> nn.Conv:
         """A 3x3 conv (padding 1, bias); with `upsample`, of the input upsampled x2 (nearest)."""
-        conv = upsample2x_conv if upsample else jax.lax.conv_general_dilated
+        conv = upsample2x_conv if upsample else conv3x3
         return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), use_bias=True,
                        kernel_init=layers.torch_default_kernel_init,
                        bias_init=layers.torch_default_bias_init(fan_in),
