@@ -91,7 +91,7 @@ def test_phase_programs_give_the_results_of_the_traced_phases():
     for method in fixture.METHODS:
         pick = lambda d: {k[len(method) + 1:]: v for k, v in d.items() if k.startswith(method + '/')}
         trajectories.assert_one_step_close(pick(now), pick(before), tiny_config().batch_size, what=f'{method}: ',
-                                           tol=trajectories.FIXTURE_ONE_STEP_SPREAD)
+                                           tol=trajectories.QUANTIZED_ONE_STEP_SPREAD)
 
 
 def test_each_phase_compiles_once_and_skips_what_it_does_not_need(digits_teacher):

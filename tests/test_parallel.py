@@ -13,8 +13,8 @@ import pytest
 
 from bag_jax import checkpoint, dfq, metrics, parallel
 from tests.multiprocess_worker import LOCAL_DEVICES, multiprocess_config, one_step_results
-from tests.trajectories import (WHOLE_RUN_ACCURACY_SPREAD, WHOLE_RUN_PARAMETER_SPREAD, assert_one_step_close,
-                                assert_rounding_close, flat)
+from tests.trajectories import (QUANTIZED_ONE_STEP_SPREAD, WHOLE_RUN_ACCURACY_SPREAD, WHOLE_RUN_PARAMETER_SPREAD,
+                                assert_one_step_close, assert_rounding_close, flat)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, 'tests', 'multiprocess_worker.py')
@@ -131,7 +131,8 @@ def test_two_processes_train_quantize_and_resume_as_one(digits_teacher, tmp_path
     two = dict(np.load(workdir / 'one_step.npz'))
     one = one_step_results(digits_teacher)
     np.testing.assert_array_equal(two.pop('data/teacher_labels'), one.pop('data/teacher_labels'))
-    assert_one_step_close(two, one, multiprocess_config().batch_size, 'one step: ')
+    # gloo sums the BN statistics in another order: quantized activations may step a level.
+    assert_one_step_close(two, one, multiprocess_config().batch_size, 'one step: ', tol=QUANTIZED_ONE_STEP_SPREAD)
 
     seen = [json.loads((workdir / f'process_{i}.json').read_text()) for i in range(NUM_PROCESSES)]
     assert [(s['process_index'], s['process_count'], s['local_devices'], s['devices']) for s in seen] == [
