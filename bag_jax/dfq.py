@@ -472,9 +472,10 @@ def warn_about_memory(setup: Setup, info: data.DatasetInfo) -> float | None:
     The estimate (float32) counts the generator's parameters four times (value, gradient, Adam's
     two moments), the student's three times (value, gradient, momentum) and the teacher's once,
     every module output of the generator and of two ResNets once per image of the batch, and
-    `RUNTIME_BYTES` for JAX itself. With the CIFAR ResNet it came within 10 % of the peak memory
-    measured on CPU for 32x32 to 256x256 RGB images at batch 16; with ResNet-18 at 224x224 it is
-    0.68 of the measured peak (bench/NOTES.md).
+    `RUNTIME_BYTES` for JAX itself. With the CIFAR ResNet it is 1.07-1.27x the peak memory
+    measured on CPU for 32x32 to 256x256 RGB images at batch 16 (an overestimate since the
+    generator's convolutions became sub-pixel ones); with ResNet-18 at 224x224 0.94x
+    (bench/NOTES.md).
     """
     height, width, _ = info.image_shape
     if height * width <= LARGE_IMAGE_PIXELS:
