@@ -5,10 +5,10 @@
 It builds the epoch function of `--steps` iterations that training runs (`dfq.make_train_epoch`),
 runs a calibration epoch and a fine-tuning epoch untimed (each compiles its phase's program;
 compile_s = those two calls less two timed ones), then `--repeats` fine-tuning epochs, and prints
-per-iteration times. The last line printed is
-one JSON object: step_s_median (one iteration of all runs), step_s_min, step_s_per_run,
-compile_s, compiled_while_timed (programs traced during the timed calls: 0), images_per_s (all runs) and images_per_s_per_run, flops_per_iteration (XLA's cost
-analysis, all runs, all devices) and flops_per_s (achieved), peak_rss_mb, device_kind,
+per-iteration times. The last line printed is one JSON object: step_s_median (one iteration of
+all runs), step_s_min, step_s_per_run, compile_s, compiled_while_timed (programs traced during
+the timed calls: 0), images_per_s (all runs) and images_per_s_per_run, flops_per_iteration
+(XLA's cost analysis, all runs, all devices) and flops_per_s (achieved), peak_rss_mb, device_kind,
 device_count, device_peak_bytes (where the backend reports it), plus the settings. The config's
 num_seeds, sweep and data_parallel choose the runs and the mesh as in training
 (bag_jax.sweep). `--parts` also times the pieces of an iteration separately (see `time_parts`).

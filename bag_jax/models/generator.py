@@ -126,7 +126,8 @@ def upsample2x_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_di
     the low-resolution input with the 3x3 kernel's taps summed by `_PHASE_TAPS`; one 2x2 conv of
     the zero-padded input with the four phase kernels side by side (4x the output channels) gives
     all four, which are then interleaved. The same sums up to float rounding, 2.25x fewer
-    multiply-adds, and XLA:CPU runs it forward and backward 3-5x faster (bench/NOTES.md).
+    multiply-adds; with `_valid_conv`'s kernel gradient XLA:CPU runs the generator's two such
+    layers forward and backward 2-5x faster than the conv of the upsampled image (bench/NOTES.md).
     The call signature is `lax.conv_general_dilated`'s, so it drops into `nn.Conv` (through
     `quant.quantized_conv`, which quantizes the 3x3 kernel first) and keeps its parameters.
     """
