@@ -54,6 +54,10 @@ _NHWC = ('NHWC', 'HWIO', 'NHWC')
 _PHASE_TAPS = np.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], np.float32)
 
 
+def _lax_valid_conv(padded, kernel, precision=None):
+    return jax.lax.conv_general_dilated(padded, kernel, (1, 1), 'VALID', dimension_numbers=_NHWC, precision=precision)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _valid_conv(padded, kernel, precision=None):
     """A VALID, stride-1 convolution (NHWC, HWIO) whose kernel gradient is matmuls.
@@ -67,7 +71,7 @@ def _valid_conv(padded, kernel, precision=None):
     input gradient stays XLA's transposed convolution. Used by the generator only: for the
     classifiers' 16-64-channel convs XLA's own kernel gradient was as fast or faster.
     """
-    return jax.lax.conv_general_dilated(padded, kernel, (1, 1), 'VALID', dimension_numbers=_NHWC, precision=precision)
+    return _lax_valid_conv(padded, kernel, precision)
 
 
 def _valid_conv_forward(padded, kernel, precision):
@@ -77,8 +81,7 @@ def _valid_conv_forward(padded, kernel, precision):
 def _valid_conv_backward(precision, residuals, cotangent):
     padded, kernel = residuals
     kh, kw, in_features, out_features = kernel.shape
-    _, input_vjp = jax.vjp(lambda x: jax.lax.conv_general_dilated(x, kernel, (1, 1), 'VALID', dimension_numbers=_NHWC,
-                                                                  precision=precision), padded)
+    _, input_vjp = jax.vjp(lambda x: _lax_valid_conv(x, kernel, precision), padded)
     taps = [(r, s) for r in range(kh) for s in range(kw)]
     if in_features <= out_features:     # shift the input: taps x (B, h, w, in) copies
         h, w = cotangent.shape[1:3]
