@@ -66,8 +66,8 @@ def _valid_conv(padded, kernel, precision=None):
     output's spatial size; for the generator's layers that is slow: at batch 200 its second layer
     spent 0.6 s per iteration there and its last (64 -> 3 channels) 0.11 s (bench/NOTES.md). The
     gradient of tap (r, s) is the sum over (n, y, x) of input[n, y + r, x + s] x cotangent[n, y, x]:
-    one matmul per tap over shifted copies of the input, or, when the output has fewer channels,
-    one matmul of the input with shifted copies of the (zero-padded) cotangent side by side. The
+    one matmul per tap with the input shifted along its flattened (n, y, x) axis, or, when the
+    output has fewer channels, one matmul of the input with the shifted cotangents side by side. The
     input gradient stays XLA's transposed convolution. Used by the generator only: for the
     classifiers' 16-64-channel convs XLA's own kernel gradient was as fast or faster.
     """
@@ -82,17 +82,25 @@ def _valid_conv_backward(precision, residuals, cotangent):
     padded, kernel = residuals
     kh, kw, in_features, out_features = kernel.shape
     _, input_vjp = jax.vjp(lambda x: _lax_valid_conv(x, kernel, precision), padded)
-    taps = [(r, s) for r in range(kh) for s in range(kw)]
-    if in_features <= out_features:     # shift the input: taps x (B, h, w, in) copies
-        h, w = cotangent.shape[1:3]
-        grad = jnp.stack([jnp.einsum('nyxi,nyxo->io', padded[:, r:r + h, s:s + w], cotangent, precision=precision)
-                          for r, s in taps]).reshape(kernel.shape)
-    else:                               # shift the cotangent: taps x (B, H, W, out) copies
-        h, w = padded.shape[1:3]
-        g = jnp.pad(cotangent, ((0, 0), (kh - 1, kh - 1), (kw - 1, kw - 1), (0, 0)))
-        shifted = jnp.concatenate([g[:, kh - 1 - r:kh - 1 - r + h, kw - 1 - s:kw - 1 - s + w] for r, s in taps], -1)
-        grad = jnp.einsum('nyxp,nyxi->pi', shifted, padded, precision=precision)
-        grad = grad.reshape(kh, kw, out_features, in_features).transpose(0, 1, 3, 2)
+    # On the input's (n, y, x) grid flattened to one axis, tap (r, s) is a shift by r * W + s rows:
+    # with the cotangent zero-padded to that grid, input[n, y + r, x + s] x cotangent[n, y, x]
+    # summed over (n, y, x) is x[q + shift] x g[q] summed over q, never crossing into another row
+    # or image (g is zero there). The shifted operands are contiguous slices, no strided copies.
+    height, width = padded.shape[1:3]
+    h, w = cotangent.shape[1:3]
+    x = padded.reshape(-1, in_features)
+    g = jnp.pad(cotangent, ((0, 0), (0, height - h), (0, width - w), (0, 0))).reshape(-1, out_features)
+    shifts = [r * width + s for r in range(kh) for s in range(kw)]
+    last = shifts[-1]
+    if in_features <= out_features:     # shift the input: one (in, out) matmul per tap
+        x = jnp.pad(x, ((0, last), (0, 0)))
+        grad = jnp.stack([jnp.dot(x[k:k + len(g)].T, g, precision=precision) for k in shifts])
+        grad = grad.reshape(kernel.shape)
+    else:                               # shift the cotangent: one matmul with the taps side by side
+        g = jnp.pad(g, ((last, 0), (0, 0)))
+        shifted = jnp.concatenate([g[last - k:last - k + len(x)] for k in shifts], -1)
+        grad = jnp.dot(x.T, shifted, precision=precision)
+        grad = grad.reshape(in_features, kh, kw, out_features).transpose(1, 2, 0, 3)
     return input_vjp(cotangent)[0], grad
 
 
