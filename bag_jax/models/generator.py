@@ -68,9 +68,9 @@ def _valid_conv(padded, kernel, precision=None):
     gradient of tap (r, s) is the sum over (n, y, x) of input[n, y + r, x + s] x cotangent[n, y, x]:
     one matmul per tap with the input shifted along its flattened (n, y, x) axis, or, when the
     output has fewer channels, one matmul of the input with the shifted cotangents side by side. The
-    input gradient stays XLA's transposed convolution. Used by the generator only; for the
-    classifiers' convs bench/NOTES.md has what it would give (faster at 16-32 channels, slower at
-    64), not adopted.
+    input gradient stays XLA's transposed convolution. Used by the generator only: in the
+    classifiers' 16-64-channel convs it was faster alone at 16-32 channels but made the whole
+    iteration 1.2-1.3x slower (bench/NOTES.md).
     """
     return _lax_valid_conv(padded, kernel, precision)
 
