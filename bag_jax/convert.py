@@ -3,8 +3,8 @@
     python -m bag_jax.convert --pytorchcv resnet20_cifar100-2964-a5322afe.pth.zip --out teachers/r20_c100
     python -m bag_jax.convert --pytorchcv resnet18-0982-0126861b.pth.zip --out teachers/resnet18
 
-The teachers of GDFQ/AdaDFQ/BAG are pytorchcv's `resnet20_cifar100` (spec 1.1) and, on ImageNet,
-`resnet18`, `resnet50` and `mobilenetv2_w1` (spec imagenet.md 1), with the osmr/imgclsmob zoo
+The teachers of GDFQ/AdaDFQ/BAG are pytorchcv's `resnet20_cifar100` (docs/algorithms.md 1.1) and, on ImageNet,
+`resnet18`, `resnet50` and `mobilenetv2_w1` (docs/imagenet.md 1), with the osmr/imgclsmob zoo
 weights. The architecture and its widths are read from the state dict's keys and shapes
 (`infer_model`); ImageNet networks get the imagenet2012 data description, CIFAR ones the
 dataset in the file name or --dataset. Those files are PyTorch state dicts: the zoo's 2019 files in the legacy
@@ -53,10 +53,10 @@ from bag_jax.models import MobileNetV2, ResNet, ResNetCifar
 PTH_EXPECTED = ('a PyTorch state dict saved with torch.save (legacy or zip serialization), '
                 'or the model zoo\'s .pth.zip holding one .pth')
 
-# The zoo's CIFAR models: class count, input size and normalization (spec 1.3).
+# The zoo's CIFAR models: class count, input size and normalization (docs/algorithms.md 1.3).
 _DATASETS = ('cifar100', 'cifar10')
 IMAGE_SHAPE = (32, 32, 3)
-IMAGENET = 'imagenet2012'   # the ImageNet models' data (spec imagenet.md 6; `data.imagenet_info`)
+IMAGENET = 'imagenet2012'   # the ImageNet models' data (docs/imagenet.md 6; `data.imagenet_info`)
 
 _LEGACY_MAGIC = 0x1950a86a20f9469cfc6c   # torch.serialization.MAGIC_NUMBER
 _LEGACY_PROTOCOL = 1001                 # torch.serialization.PROTOCOL_VERSION

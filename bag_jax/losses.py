@@ -1,4 +1,4 @@
-"""The losses of GDFQ, AdaDFQ and BAG as pure functions of arrays (spec 4 and 8.2b).
+"""The losses of GDFQ, AdaDFQ and BAG as pure functions of arrays (docs/algorithms.md 4 and 8.2b).
 
 Notation: t = teacher logits P(x), s = student logits Q(x), y = the labels the generator was
 conditioned on, all (B, C) / (B,). Each function returns a scalar (float32 array).
@@ -11,7 +11,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-# AKT's second softening of its channel-attention vectors (spec 8.2b).
+# AKT's second softening of its channel-attention vectors (docs/algorithms.md 8.2b).
 SOFTMAX_ATTENTION_TEMPERATURE = 8.0
 
 
@@ -28,7 +28,7 @@ def entropy(logits: jax.Array) -> jax.Array:
 
 
 def bns_loss(pairs: Sequence[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
-    """BN-statistics loss over the teacher's BatchNorms (spec 4.1).
+    """BN-statistics loss over the teacher's BatchNorms (docs/algorithms.md 4.1).
 
     `pairs` holds (BN input (B, H, W, C), running_mean (C,), running_var (C,)) per BN. For each,
     the batch mean and biased variance over (B, H, W) are matched to the running statistics by
@@ -47,7 +47,7 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: f
     """GDFQ's distillation term: T^2 * nn.KLDivLoss()(log_softmax(s/T), softmax(t/T)).
 
     KLDivLoss's default 'mean' reduction divides the summed KL by B*C, not B, so this equals
-    (T^2 / C) * batch-mean KL(p_t || p_s) (spec 4.2, pitfall 9.2).
+    (T^2 / C) * batch-mean KL(p_t || p_s) (docs/algorithms.md 4.2, pitfall 9.2).
     """
     log_p_s = jax.nn.log_softmax(student_logits / temperature, axis=-1)
     log_p_t = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
@@ -55,18 +55,18 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: f
 
 
 def gdfq_generator_loss(teacher_logits, labels, bns, bns_weight: float = 0.1) -> jax.Array:
-    """GDFQ's L_G = CE(t, y) + 0.1 * BNS (spec 4.2)."""
+    """GDFQ's L_G = CE(t, y) + 0.1 * BNS (docs/algorithms.md 4.2)."""
     return cross_entropy(teacher_logits, labels) + bns_weight * bns
 
 
 def gdfq_student_loss(student_logits, teacher_logits, labels, temperature: float = 20.0,
                       kd_weight: float = 1.0) -> jax.Array:
-    """GDFQ's L_Q = CE(s, y) + alpha * kd_loss(s, t, T) (spec 4.2)."""
+    """GDFQ's L_Q = CE(s, y) + alpha * kd_loss(s, t, T) (docs/algorithms.md 4.2)."""
     return cross_entropy(student_logits, labels) + kd_weight * kd_loss(student_logits, teacher_logits, temperature)
 
 
 def normalized_entropy(teacher_logits, student_logits) -> jax.Array:
-    """AdaDFQ's sample adaptability H'_b in [0, 1] (spec 4.3). Returns (B,).
+    """AdaDFQ's sample adaptability H'_b in [0, 1] (docs/algorithms.md 4.3). Returns (B,).
 
     H_b is the entropy of the disagreement distribution softmax(t_b - s_b); H' rescales it by the
     batch minimum (not detached, as in the reference) and the maximum log C.
@@ -78,27 +78,27 @@ def normalized_entropy(teacher_logits, student_logits) -> jax.Array:
 
 
 def margin_loss(teacher_logits, student_logits, lambda_l: float = 0.1, lambda_u: float = 0.8) -> jax.Array:
-    """AdaDFQ's hinge keeping H' inside [lambda_l, lambda_u] (spec 4.3), for any batch size."""
+    """AdaDFQ's hinge keeping H' inside [lambda_l, lambda_u] (docs/algorithms.md 4.3), for any batch size."""
     h = normalized_entropy(teacher_logits, student_logits)
     return jnp.mean(jnp.maximum(lambda_l - h, 0.0)) + jnp.mean(jnp.maximum(h - lambda_u, 0.0))
 
 
 def balance_loss(teacher_logits, student_logits, labels, alpha_ds: float = 0.2, alpha_as: float = 0.1) -> jax.Array:
-    """AdaDFQ's L_bal = alpha_ds CE(t - s, y) + alpha_as CE(t + s, y) (spec 4.3)."""
+    """AdaDFQ's L_bal = alpha_ds CE(t - s, y) + alpha_as CE(t + s, y) (docs/algorithms.md 4.3)."""
     return (alpha_ds * cross_entropy(teacher_logits - student_logits, labels)
             + alpha_as * cross_entropy(teacher_logits + student_logits, labels))
 
 
 def adadfq_generator_loss(teacher_logits, student_logits, labels, bns, *, lambda_l=0.1, lambda_u=0.8,
                           alpha_ds=0.2, alpha_as=0.1, balance=1.0, bns_weight=1.0) -> jax.Array:
-    """AdaDFQ's L_G = L_margin + beta L_bal + gamma BNS; no plain CE(t, y) term (spec 4.3)."""
+    """AdaDFQ's L_G = L_margin + beta L_bal + gamma BNS; no plain CE(t, y) term (docs/algorithms.md 4.3)."""
     return (margin_loss(teacher_logits, student_logits, lambda_l, lambda_u)
             + balance * balance_loss(teacher_logits, student_logits, labels, alpha_ds, alpha_as)
             + bns_weight * bns)
 
 
 def adadfq_student_loss(student_logits, teacher_logits, temperature: float = 20.0) -> jax.Array:
-    """AdaDFQ's L_Q = -T^2 mean_b H(softmax((t_b - s_b) / T)) (spec 4.3, pitfall 9.4).
+    """AdaDFQ's L_Q = -T^2 mean_b H(softmax((t_b - s_b) / T)) (docs/algorithms.md 4.3, pitfall 9.4).
 
     The student maximizes the entropy of the tempered disagreement: its logits approach the
     teacher's up to a per-sample shift.
@@ -109,7 +109,7 @@ def adadfq_student_loss(student_logits, teacher_logits, temperature: float = 20.
 def channel_attention(features: jax.Array, form: str = 'energy') -> jax.Array:
     """Per-sample channel attention of a feature map (B, H, W, C). Returns (B, C).
 
-    'energy':  v_c = mean_hw F_c^2, L2-normalized over channels (spec 8.2b, the default);
+    'energy':  v_c = mean_hw F_c^2, L2-normalized over channels (docs/algorithms.md 8.2b, the default);
     'mean':    v_c = mean_hw F_c, no normalization (Channel Distillation, Zhou et al. 2020);
     'softmax': softmax_c(mean_hw F_c^2) (AKT).
     """
@@ -125,7 +125,7 @@ def channel_attention(features: jax.Array, form: str = 'energy') -> jax.Array:
 
 def channel_attention_loss(student_features: Sequence[jax.Array], teacher_features: Sequence[jax.Array],
                            form: str = 'energy') -> jax.Array:
-    """Channel-attention distillation, summed over the distilled layers (spec 8.2b).
+    """Channel-attention distillation, summed over the distilled layers (docs/algorithms.md 8.2b).
 
     'energy':  sum_l mean_b ||A_s - A_t||_2^2 of the normalized energy vectors;
     'mean':    sum_l mean_{b,c} (v_s - v_t)^2 (Channel Distillation's MSE);

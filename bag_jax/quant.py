@@ -2,12 +2,12 @@
 
 One quantize-dequantize function serves every quantized tensor in the project: student weights,
 student activations, and the BAG generator's weights and (optionally) activations. It follows the
-GDFQ/AdaDFQ code (spec 2.2): an asymmetric k-bit grid with an integral zero point and
+GDFQ/AdaDFQ code (docs/algorithms.md 2.2): an asymmetric k-bit grid with an integral zero point and
 round-half-even, as a `jax.custom_vjp` whose backward is the straight-through estimator.
 
 Following AQT's split, the range is computed outside the quantizer under `stop_gradient`:
-per output channel from the current weight (spec 2.3), per tensor from a calibrated running range
-for activations (spec 2.4).
+per output channel from the current weight (docs/algorithms.md 2.3), per tensor from a calibrated running range
+for activations (docs/algorithms.md 2.4).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ FULL_PRECISION = 32
 MAX_BITS = 16
 STE_MODES = ('identity', 'clipped')
 RANGE_RULES = ('reference', 'ema')
-# QuantAct's running-range factor, hard-coded in the reference (spec 2.4).
+# QuantAct's running-range factor, hard-coded in the reference (docs/algorithms.md 2.4).
 RANGE_MOMENTUM = 0.9
 
 
@@ -50,7 +50,7 @@ def check_choice(value: Any, allowed: tuple[str, ...], field: str) -> str:
 
 
 def quantize_to_grid(x, lo, hi, bits: int):
-    """x's place on the asymmetric k-bit grid of [lo, hi] (spec 2.2). Returns (q, zero_point,
+    """x's place on the asymmetric k-bit grid of [lo, hi] (docs/algorithms.md 2.2). Returns (q, zero_point,
     scale), all float arrays broadcast from x, lo and hi: q is an integer in
     [-2^(k-1), 2^(k-1) - 1], zero_point an integer, and the quantized value is
     (q + zero_point) / scale. `fake_quant` and the integer inference share this function, so both
@@ -93,7 +93,7 @@ _fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 
 
 def fake_quant(x: jax.Array, lo: jax.Array, hi: jax.Array, bits: int, ste: str = 'identity') -> jax.Array:
-    """Asymmetric k-bit quantize-dequantize of `x` on the range [lo, hi] (spec 2.2).
+    """Asymmetric k-bit quantize-dequantize of `x` on the range [lo, hi] (docs/algorithms.md 2.2).
 
     `lo` and `hi` broadcast against `x` (scalars for per-tensor, keepdims shapes for per-channel).
     The grid has 2^bits levels of step 1/s, s = (2^bits - 1) / max(hi - lo, 1e-8), starting at
@@ -110,7 +110,7 @@ def fake_quant(x: jax.Array, lo: jax.Array, hi: jax.Array, bits: int, ste: str =
 
 
 def weight_range(w: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The per-output-channel range of a weight (spec 2.3): min and max over every axis but the
+    """The per-output-channel range of a weight (docs/algorithms.md 2.3): min and max over every axis but the
     last (Flax's HWIO conv kernels, (in, out) dense kernels), keepdims, under stop_gradient."""
     axes = tuple(range(w.ndim - 1))
     return (jax.lax.stop_gradient(jnp.min(w, axis=axes, keepdims=True)),
@@ -118,7 +118,7 @@ def weight_range(w: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def quantize_weight(w: jax.Array, bits: Optional[int], ste: str = 'identity') -> jax.Array:
-    """Per-output-channel weight fake quantization (spec 2.3) on `weight_range(w)`, recomputed
+    """Per-output-channel weight fake quantization (docs/algorithms.md 2.3) on `weight_range(w)`, recomputed
     from the current weight on every call. bits=None returns `w` unchanged. Returns an array of
     w's shape.
     """
@@ -149,7 +149,7 @@ def quantized_dot_general(w_bits: Optional[int], ste: str = 'identity'):
 def update_range(x_min, x_max, beta_t, batch_min, batch_max, rule: str = 'reference'):
     """One step of the activation range update. Returns (x_min, x_max, beta_t).
 
-    'reference' is QuantAct's formula exactly (spec 2.4), bias-correction quirk included:
+    'reference' is QuantAct's formula exactly (docs/algorithms.md 2.4), bias-correction quirk included:
         beta_t <- beta_t * 0.9;  r <- (r * 0.9 + batch_r * 0.1) / (1 - beta_t)
     'ema' is a plain 0.9 EMA seeded with the first batch (beta_t == 1 marks "no update yet").
     """

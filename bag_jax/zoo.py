@@ -88,13 +88,13 @@ class ZooFile:
 
 # The files the papers used, with pytorchcv's (name, error, sha1, tag). Source: the model store
 # AdaDFQ vendors (hfutqian/AdaDFQ @9948083 `AdaDFQ/ImageNet/pytorchcv/models/model_store.py`
-# `_model_sha1`), which the ImageNet code loads (spec imagenet.md 1); the CIFAR entries and
+# `_model_sha1`), which the ImageNet code loads (docs/imagenet.md 1); the CIFAR entries and
 # resnet50, mobilenetv2_w1 are identical in PyPI pytorchcv 0.0.74 (`model_metainfos.csv`), whose
 # resnet18 is a newer file (resnet18-0896-77a56f15, v0.0.478) that the papers did not use.
 ZOO_FILES: dict[str, ZooFile] = {f.name: f for f in (
-    ZooFile('resnet20_cifar100', '2964', 'a5322afed92fa96cb7b3453106f73cf38e316151', 'v0.0.180'),  # spec 1.1
+    ZooFile('resnet20_cifar100', '2964', 'a5322afed92fa96cb7b3453106f73cf38e316151', 'v0.0.180'),  # docs/algorithms.md 1.1
     ZooFile('resnet20_cifar10', '0597', '9b0024ac4c2f374cde2c5052e0d0344a75871cdb', 'v0.0.163'),
-    ZooFile('resnet18', '0982', '0126861b4cd7f7b14196b1e01827da688f8bab6d', 'v0.0.153'),           # imagenet.md 1
+    ZooFile('resnet18', '0982', '0126861b4cd7f7b14196b1e01827da688f8bab6d', 'v0.0.153'),           # docs/imagenet.md 1
     ZooFile('resnet50', '0633', 'b00d1c8e52aa7a2badc705b1545aaf6ccece6ce9', 'v0.0.329'),
     ZooFile('mobilenetv2_w1', '0887', '13a021bca5b679b76156829743f7182da42e8bb6', 'v0.0.213'),
 )}

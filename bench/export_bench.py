@@ -1,5 +1,5 @@
 """Sizes and CPU latency of an exported ResNet-20 student (CIFAR-100 shapes, random weights): the
-README's "Deploy a student" table.
+the table in docs/deployment.md.
 
     JAX_PLATFORMS=cpu python bench/export_bench.py [--repeats=20]
 

@@ -1,15 +1,16 @@
 """bag-jax against the official AdaDFQ code on this machine's CPU, in the same minutes.
 
     python bench/side_by_side.py --reference_python=REF/venv/bin/python --reference_tree=REF/AdaDFQ \
-        [--batch_sizes=16,200] [--isas=default,AVX2] [--rounds=2]
+        --harness=REF/adadfq_cpu_bench.py [--batch_sizes=16,200] [--isas=default,AVX2] [--rounds=2]
 
-For each ISA and batch size it alternates the reference harness (../shared/reference-bench/
-adadfq_cpu_bench.py, AdaDFQ W3A3, 2 threads, one iteration = generator step + student step) and
-`python -m bag_jax.bench` (AdaDFQ W3A3, CIFAR-100 shapes, random teacher), A B A B, `--rounds`
+For each ISA and batch size it alternates the reference harness (`--harness`, a CPU timing script
+for the official code: AdaDFQ W3A3, 2 threads, one iteration = generator step + student step)
+and `python -m bag_jax.bench` (AdaDFQ W3A3, CIFAR-100 shapes, random teacher), A B A B, `--rounds`
 times, each in a fresh process. 'AVX2' caps both: ONEDNN_MAX_CPU_ISA=AVX2 for PyTorch's oneDNN,
 XLA_FLAGS=--xla_cpu_max_isa=AVX2 for XLA. Prints one line per run and a Markdown table: median
-seconds per iteration of each side over the rounds, their ratio, and the peak RSS. The reference
-is set up outside the project as ../shared/reference-bench/README.md says.
+seconds per iteration of each side over the rounds, their ratio, and the peak RSS. The official
+AdaDFQ code, a Python environment for it and the harness are set up outside the repository; the
+flags give their paths.
 """
 
 import argparse
@@ -21,6 +22,7 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Only --harness's default (a place next to this checkout); pass --harness=PATH to the harness.
 HARNESS = os.path.join(ROOT, '..', 'shared', 'reference-bench', 'adadfq_cpu_bench.py')
 
 

@@ -1,12 +1,12 @@
 """Shared defaults for every bag-jax experiment; the other configs import and override these.
 
-Values follow the official GDFQ/AdaDFQ code (../shared/spec/reference-algorithms.md, sections 5
-and 6) for ResNet-20 on CIFAR-100. `get_config(method)` sets each method's own defaults:
+Values follow the official GDFQ/AdaDFQ code (docs/algorithms.md, sections 5 and 6) for ResNet-20
+on CIFAR-100. `get_config(method)` sets each method's own defaults:
 
-  gdfq    batch 200, L_G = CE + 0.1 BNS, L_Q = CE + KD (T=20)                       (spec 4.2, 6.1)
-  adadfq  batch 16,  L_G = margin + (0.2 L_ds + 0.1 L_as) + BNS, L_Q = -T^2 H (T=20) (spec 4.3, 6.2)
+  gdfq    batch 200, L_G = CE + 0.1 BNS, L_Q = CE + KD (T=20)                       (docs/algorithms.md 4.2, 6.1)
+  adadfq  batch 16,  L_G = margin + (0.2 L_ds + 0.1 L_as) + BNS, L_Q = -T^2 H (T=20) (docs/algorithms.md 4.3, 6.2)
   bag     adadfq + the generator quantized at the student's bit-widths
-        + channel-attention distillation (spec 8.2, our reading of the paper)
+        + channel-attention distillation (docs/algorithms.md 8.2, our reading of the paper)
 
 Command-line overrides (`--config.quant.w_bits=4`) change single fields after that.
 """
@@ -36,7 +36,7 @@ def get_config(method: str = 'bag') -> ml_collections.ConfigDict:
     # few as the batch needs, so that the runs spread over the devices first).
     c.data_parallel = config_dict.placeholder(int)
 
-    # Schedule (spec 5.1): 400 epochs x 200 iterations; the student is frozen for the first
+    # Schedule (docs/algorithms.md 5.1): 400 epochs x 200 iterations; the student is frozen for the first
     # warmup_epochs while only the generator trains; activation ranges calibrate during the first
     # calibration_epochs (hard-coded 4 in the reference) and are frozen afterwards.
     c.batch_size = 200 if method == 'gdfq' else 16
@@ -56,7 +56,7 @@ def get_config(method: str = 'bag') -> ml_collections.ConfigDict:
     c.quant = ml_collections.ConfigDict()
     c.quant.w_bits = 3             # 1..16, or 32 for full precision
     c.quant.a_bits = 3
-    c.quant.range_rule = 'reference'   # 'reference' (QuantAct's formula, spec 2.4) | 'ema'
+    c.quant.range_rule = 'reference'   # 'reference' (QuantAct's formula, docs/algorithms.md 2.4) | 'ema'
     c.quant.ste = 'identity'           # 'identity' (reference) | 'clipped'
 
     c.generator = ml_collections.ConfigDict()
@@ -64,17 +64,17 @@ def get_config(method: str = 'bag') -> ml_collections.ConfigDict:
     c.generator.lr = 1e-3
     c.generator.b1 = 0.5
     c.generator.b2 = 0.999
-    c.generator.quantize = method == 'bag'      # BAG: weights at quant.w_bits (spec 8.2a)
+    c.generator.quantize = method == 'bag'      # BAG: weights at quant.w_bits (docs/algorithms.md 8.2a)
     c.generator.quantize_activations = False    # also LeakyReLU outputs at quant.a_bits
     # How the generator sees the label: 'embedding' (CIFAR: z times a label embedding) or
-    # 'batchnorm' (ImageNet: class-conditional BatchNorm, spec imagenet.md 3).
+    # 'batchnorm' (ImageNet: class-conditional BatchNorm, docs/imagenet.md 3).
     c.generator.conditioning = 'embedding'
 
     c.student = ml_collections.ConfigDict()
     c.student.lr = 1e-4
     c.student.momentum = 0.9
     c.student.nesterov = True
-    c.student.weight_decay = 1e-4  # coupled, as PyTorch's SGD (spec 9.15)
+    c.student.weight_decay = 1e-4  # coupled, as PyTorch's SGD (docs/algorithms.md 9.15)
 
     c.loss = ml_collections.ConfigDict()
     c.loss.bns = 0.1 if method == 'gdfq' else 1.0   # GDFQ 0.1, AdaDFQ gamma = 1
@@ -86,7 +86,7 @@ def get_config(method: str = 'bag') -> ml_collections.ConfigDict:
     c.loss.lambda_u = 0.8
     c.loss.balance = 1.0           # AdaDFQ beta
     # Channel-attention distillation weight mu (0 = off). The paper does not give it. On the
-    # digits demo AT's beta/2 = 500 (spec 8.2b) made the student diverge within 30 fine-tuning
+    # digits demo AT's beta/2 = 500 (docs/algorithms.md 8.2b) made the student diverge within 30 fine-tuning
     # iterations and 50 within 3 epochs: there the attention term's gradient was 25x that of
     # L_Q (whose variable part is only ~1/2 Var(t - s)) at mu = 50. mu = 5 keeps the two
     # comparable. Sweep it on CIFAR-100 before trusting it.
@@ -102,7 +102,7 @@ def get_config(method: str = 'bag') -> ml_collections.ConfigDict:
     # imagefolder only: one subfolder of images per class (ImageNet: val/n01440764/*.JPEG, ...).
     c.data.imagefolder_dir = config_dict.placeholder(str)
     # imagenet2012, imagefolder: the side of the center crop; the shorter side is first resized to
-    # round(image_size * 256 / 224) (Resize(256) -> CenterCrop(224), spec imagenet.md 6).
+    # round(image_size * 256 / 224) (Resize(256) -> CenterCrop(224), docs/imagenet.md 6).
     c.data.image_size = 224
 
     c.teacher = ml_collections.ConfigDict()

@@ -4,7 +4,7 @@
     python run.py --config=configs/cifar10_w3a3.py:adadfq --workdir=runs/c10_w3a3_adadfq
     python run.py --config=configs/cifar10_w3a3.py:gdfq --workdir=runs/c10_w3a3_gdfq
 
-The AdaDFQ CIFAR-10 hocon equals the CIFAR-100 one but for the dataset (spec 6.2). Teacher:
+The AdaDFQ CIFAR-10 hocon equals the CIFAR-100 one but for the dataset (docs/algorithms.md 6.2). Teacher:
 pytorchcv's resnet20_cifar10 (python -m bag_jax.convert --pytorchcv resnet20_cifar10-0597-....pth
 --out DIR, then --config.teacher.checkpoint=DIR), or one trained first into WORKDIR/teacher.
 """

@@ -24,7 +24,7 @@ def get_config(method: str = 'bag'):
     c.batch_size = 48 if method == 'gdfq' else 16
     c.epochs = 40
     c.iters_per_epoch = 50
-    # 4 epochs x 50 iterations give the reference range rule its ~200 updates to settle (spec 2.4).
+    # 4 epochs x 50 iterations give the reference range rule its ~200 updates to settle (docs/algorithms.md 2.4).
     c.warmup_epochs = 4
     c.calibration_epochs = 4
     c.lr_milestones = (20, 30)

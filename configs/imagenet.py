@@ -1,8 +1,8 @@
 """Shared settings of the ImageNet experiments (ResNet-18, ResNet-50, MobileNetV2 from the
-pytorchcv zoo), from the official ImageNet code (../shared/spec/imagenet.md 5).
+pytorchcv zoo), from the official ImageNet code (docs/imagenet.md 5).
 
 The reference ships 3-bit ImageNet configs only; its W4A4 values exist as comments in them,
-and these configs take those (spec imagenet.md 5):
+and these configs take those (docs/imagenet.md 5):
 
     network          warmup  lr_S   milestones       alpha_ds  lambda_l   (AdaDFQ and BAG)
     resnet18           50    1e-5   (350, 400)         0.2       0.3
@@ -15,7 +15,7 @@ temperature 5 (hard-coded in its ImageNet trainer; 20 on CIFAR). A milestone of 
 fires (the reference's rule is epoch + 1 > m), so ResNet-18 and MobileNetV2 decay once.
 GDFQ (its ResNet-18 config; the same for the other two networks, for which GDFQ ships none):
 warmup 50, lr_S 1e-6, milestones (100, 200, 300), L_Q = CE + KD at T = 20.
-The generator is the ImageNet one (class-conditional BatchNorm, 224x224, spec imagenet.md 3).
+The generator is the ImageNet one (class-conditional BatchNorm, 224x224, docs/imagenet.md 3).
 """
 
 from configs import base

@@ -1,5 +1,5 @@
 """Tests for the ImageNet evaluation sources of bag_jax/data.py: the reference's transform
-(spec imagenet.md 6), `imagefolder`, `imagenet2012` and the streamed, sharded eval batches.
+(docs/imagenet.md 6), `imagefolder`, `imagenet2012` and the streamed, sharded eval batches.
 
 No network and no ImageNet: the images are small random JPEG/PNG files written here; the
 imagenet2012 tests prepare a 7-image imagenet2012 with tfds itself, from a fake

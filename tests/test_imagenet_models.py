@@ -10,7 +10,7 @@ statistic. Measured when written: float32 eval <= 4.3e-6 relative, train-BN <= 1
 <= 2.6e-6 relative; float64 <= 1e-13 relative.
 
 The full-size architectures are checked through `jax.eval_shape` only: parameter counts
-(pytorchcv's), BatchNorms, QuantActs and weight-quantized layers (spec imagenet.md 1, 4).
+(pytorchcv's), BatchNorms, QuantActs and weight-quantized layers (docs/imagenet.md 1, 4).
 """
 
 import json
@@ -34,7 +34,7 @@ RESNET18 = ResNet(num_classes=1000, channels=((64, 64), (128, 128), (256, 256), 
 RESNET50 = ResNet(num_classes=1000, channels=((256,) * 3, (512,) * 4, (1024,) * 6, (2048,) * 3), bottleneck=True)
 MOBILENETV2 = MobileNetV2(num_classes=1000, channels=((16,), (24, 24), (32, 32, 32), (64, 64, 64, 64, 96, 96, 96),
                                                       (160, 160, 160, 320)))
-# name: (model, parameters, BatchNorms, QuantActs, weight-quantized layers, residual units) (spec imagenet.md 1, 4)
+# name: (model, parameters, BatchNorms, QuantActs, weight-quantized layers, residual units) (docs/imagenet.md 1, 4)
 FULL = {
     'resnet18': (RESNET18, 11_689_512, 20, 17, 21, 8),
     'resnet50': (RESNET50, 25_557_032, 53, 49, 54, 16),

@@ -1,4 +1,4 @@
-"""The ImageNet path end to end, as the README runs it, on CPU in seconds: the reduced-width
+"""The ImageNet path end to end, as docs/imagenet.md runs it, on CPU in seconds: the reduced-width
 pytorchcv ResNet-18 fixture converted to a teacher, a folder of a few dozen JPEGs in WordNet-id
 class folders (the usual way to hold the ImageNet validation set), the ImageNet config with the
 224x224 generator's design at 32x32, quantized for two epochs of two iterations (the second epoch
@@ -45,7 +45,7 @@ def run_cli(*args, timeout=600):
 def imagenet_run(tmp_path_factory):
     base = tmp_path_factory.mktemp('imagenet_path')
     teacher_dir = str(base / 'teacher')
-    assert convert.main(['--pytorchcv', FIXTURE, '--out', teacher_dir]) == 0      # the README's command
+    assert convert.main(['--pytorchcv', FIXTURE, '--out', teacher_dir]) == 0      # the command in docs/imagenet.md
     wnids = data.imagenet_class_ids()[::250][:CLASSES]                             # 4 of the 1000 classes
     folder = write_imagefolder(str(base / 'val'), wnids)
     workdir = str(base / 'run')

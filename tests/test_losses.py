@@ -1,4 +1,4 @@
-"""Each loss against a float64 numpy version written from the reference code's formulas (spec 4,
+"""Each loss against a float64 numpy version written from the reference code's formulas (docs/algorithms.md 4,
 8.2b), plus hand-checked properties."""
 
 import jax
@@ -66,7 +66,7 @@ def test_kd_loss_is_kldivloss_mean_times_t_squared(logits):
     got = losses.kd_loss(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), T)
     close(got, expected, rtol=1e-4)
     batchmean_kl = kl_elementwise.sum() / len(t)
-    close(got, T**2 / 100 * batchmean_kl, rtol=1e-4)               # = 4 x batch-mean KL (spec 9.2)
+    close(got, T**2 / 100 * batchmean_kl, rtol=1e-4)               # = 4 x batch-mean KL (docs/algorithms.md 9.2)
 
 
 def test_gdfq_losses(logits):
@@ -101,7 +101,7 @@ def test_margin_loss_any_batch_size_and_lowest_entropy_sample(batch):
     t, s = rng.normal(size=(batch, 10)) * 2, rng.normal(size=(batch, 10))
     got = float(losses.margin_loss(jnp.asarray(t, jnp.float32), jnp.asarray(s, jnp.float32), 0.1, 0.8))
     assert np.isfinite(got)
-    # The lowest-entropy sample has H' = 0 and always adds lambda_l / B (spec 4.3).
+    # The lowest-entropy sample has H' = 0 and always adds lambda_l / B (docs/algorithms.md 4.3).
     assert got >= 0.1 / batch - 1e-6
 
 
@@ -111,7 +111,7 @@ def test_adadfq_student_loss(logits):
     expected = -T**2 * np.mean(np_entropy((t - s) / T))
     got = losses.adadfq_student_loss(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), T)
     close(got, expected, rtol=1e-5)
-    # Second order: L_Q ~ 1/2 mean_b Var_c(t - s) - T^2 log C (spec 4.3), at difference std 1.
+    # Second order: L_Q ~ 1/2 mean_b Var_c(t - s) - T^2 log C (docs/algorithms.md 4.3), at difference std 1.
     approx = 0.5 * np.mean(np.var(t - s, axis=-1)) - T**2 * np.log(100)
     np.testing.assert_allclose(float(got) + T**2 * np.log(100), approx + T**2 * np.log(100), rtol=0.05)
     # A per-sample shift of the logits costs nothing: the optimum is t up to a constant.

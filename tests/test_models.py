@@ -13,7 +13,7 @@ from tests.trajectories import assert_rounding_close, flat
 
 
 def resnet_param_count(depth, classes, in_channels):
-    """Parameter count of pytorchcv's CIFARResNet, from its layer list (spec 1.2)."""
+    """Parameter count of pytorchcv's CIFARResNet, from its layer list (docs/algorithms.md 1.2)."""
     n = (depth - 2) // 6
     conv = lambda cin, cout, k: k * k * cin * cout + 2 * cout  # conv (no bias) + BN gamma/beta
     total = conv(in_channels, 16, 3)
@@ -249,7 +249,7 @@ def test_generator_activation_quantizers():
 
 
 def imagenet_generator_param_count(classes, latent, h, w, c):
-    """The ImageNet generator (spec imagenet.md 3): no label embedding; conditional BNs with a
+    """The ImageNet generator (docs/imagenet.md 3): no label embedding; conditional BNs with a
     (classes, C) scale and bias table each instead of one scale and bias per channel."""
     h0, w0 = -(-h // 4), -(-w // 4)
     return (latent * 128 * h0 * w0 + 128 * h0 * w0 + 2 * classes * 128

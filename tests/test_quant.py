@@ -1,5 +1,5 @@
 """The fake quantizer against hand-computed grids and an independent numpy version of the
-reference formula; the STE; the activation range update sequence of spec 2.4."""
+reference formula; the STE; the activation range update sequence of docs/algorithms.md 2.4."""
 
 import jax
 import jax.numpy as jnp
@@ -130,7 +130,7 @@ def _run_act(rule, batches):
 
 
 def test_reference_range_update_sequence():
-    # A constant batch max m: the reference's stored x_max goes m, m/0.19, ... (spec 2.4).
+    # A constant batch max m: the reference's stored x_max goes m, m/0.19, ... (docs/algorithms.md 2.4).
     m = 2.0
     batches = [jnp.array([0.0, 0.5, m, 1.0])] * 300
     history, _, _ = _run_act('reference', batches)

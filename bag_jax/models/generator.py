@@ -1,4 +1,4 @@
-"""The GDFQ/AdaDFQ conditional generator (spec 3); quantized, it is BAG's bit-width aware generator.
+"""The GDFQ/AdaDFQ conditional generator (docs/algorithms.md 3); quantized, it is BAG's bit-width aware generator.
 
     h = Embed(y) * z -> Linear(latent -> 128 * H/4 * W/4) -> reshape -> BN
       -> up x2 -> conv3x3(128) -> BN(eps 0.8) -> LeakyReLU(0.2) [-> QuantAct]
@@ -11,8 +11,8 @@ leaves train mode). The output is an image batch in the teacher's normalized inp
 
 Two ways to condition on the label y (`conditioning`):
   'embedding'  the CIFAR generator: z is multiplied by a label embedding, the BNs have one
-               scale and bias per channel (spec 3);
-  'batchnorm'  the ImageNet generator (spec imagenet.md 3): z goes in as it is, and each of the
+               scale and bias per channel (docs/algorithms.md 3);
+  'batchnorm'  the ImageNet generator (docs/imagenet.md 3): z goes in as it is, and each of the
                three hidden BNs is a conditional BN: affine-free, then a per-class scale
                (initialized to 1) and bias (0) looked up by y. At 224x224 its first layer
                alone has 40.5M of its 41.4M parameters.
@@ -20,7 +20,7 @@ Two ways to condition on the label y (`conditioning`):
 The two "up x2 -> conv3x3" layers are computed as sub-pixel convolutions (`upsample2x_conv`):
 the same function up to float rounding, without the upsampled image, 2.25x fewer multiply-adds.
 
-BAG (spec 8.2a, our reading of the paper): `w_bits` fake-quantizes the weights of the linear
+BAG (docs/algorithms.md 8.2a, our reading of the paper): `w_bits` fake-quantizes the weights of the linear
 layer and the three convs per output channel with the student's quantizer; the label embedding,
 the (conditional) BNs and the output stay full precision. `a_bits` optionally adds a QuantAct after each
 LeakyReLU (a signed range; the asymmetric quantizer handles it).
@@ -42,7 +42,7 @@ from bag_jax.models import layers
 
 BASE_CHANNELS = 128
 BN_EPSILON = 1e-5
-CONV_BN_EPSILON = 0.8   # nn.BatchNorm2d(128, 0.8): the second positional argument is eps (spec 9.1)
+CONV_BN_EPSILON = 0.8   # nn.BatchNorm2d(128, 0.8): the second positional argument is eps (docs/algorithms.md 9.1)
 LEAKY_SLOPE = 0.2
 
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from bag_jax import quant
 
 # PyTorch's default Linear/Conv2d init, kaiming_uniform(a=sqrt(5)), is U(+-1/sqrt(fan_in)) for the
-# weight; the bias is U(+-1/sqrt(fan_in)) too (spec 3).
+# weight; the bias is U(+-1/sqrt(fan_in)) too (docs/algorithms.md 3).
 torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 # pytorchcv's CIFARResNet, ResNet and MobileNetV2 re-initialize their convs with kaiming_uniform_
 # (gain sqrt(2); fan_in counts one group's input channels, as Flax's does).
@@ -31,7 +31,7 @@ def torch_default_bias_init(fan_in: int):
 class BatchStatNorm(nn.Module):
     """BatchNorm that always normalizes with the statistics of the batch it is given.
 
-    This is PyTorch's BatchNorm2d in train() mode, as the GDFQ generator always is (spec 3): the
+    This is PyTorch's BatchNorm2d in train() mode, as the GDFQ generator always is (docs/algorithms.md 3): the
     running statistics are never read, so none are kept. Mean and biased variance are taken over
     every axis but the last (channels). Returns an array of x's shape.
     """
@@ -51,8 +51,8 @@ class BatchStatNorm(nn.Module):
         return y
 
 
-# pytorchcv's BatchNorm2d: eps 1e-5 (spec 1.2, imagenet.md 2); PyTorch's momentum 0.1 is Flax's 0.9
-# (Flax weights the old running value, spec 9.13).
+# pytorchcv's BatchNorm2d: eps 1e-5 (docs/algorithms.md 1.2, docs/imagenet.md 2); PyTorch's momentum 0.1 is Flax's 0.9
+# (Flax weights the old running value, docs/algorithms.md 9.13).
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9
 ACTIVATIONS = ('relu', 'relu6', None)
@@ -69,7 +69,7 @@ class ConvBlock(nn.Module):
 
     `groups` > 1 is a grouped conv (groups = channels: MobileNetV2's depthwise 3x3, HWIO kernel
     (k, k, 1, C)). The kernel is fake-quantized per output channel when `w_bits` is set; a
-    QuantAct follows the activation, and only the activation (spec 2.1, imagenet.md 4). The BN's
+    QuantAct follows the activation, and only the activation (docs/algorithms.md 2.1, docs/imagenet.md 4). The BN's
     input is sown as 'bn_inputs'/`input` next to the BN `bn` (see `bn_input_pairs`).
     """
     features: int
@@ -86,7 +86,7 @@ class ConvBlock(nn.Module):
     def __call__(self, x: jax.Array, train: bool, calibrate: bool) -> jax.Array:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f'ConvBlock.activation={self.activation!r}: use one of {ACTIVATIONS}.')
-        pad = self.kernel_size // 2  # PyTorch's padding=k//2, symmetric; never 'SAME' (spec 9.12)
+        pad = self.kernel_size // 2  # PyTorch's padding=k//2, symmetric; never 'SAME' (docs/algorithms.md 9.12)
         x = nn.Conv(self.features, (self.kernel_size, self.kernel_size), strides=self.strides,
                     padding=((pad, pad), (pad, pad)), feature_group_count=self.groups, use_bias=False,
                     kernel_init=kaiming_uniform_init,

@@ -1,7 +1,7 @@
 """pytorchcv's MobileNetV2 (`mobilenetv2_w1`) in Flax linen, NHWC; teacher and student in one module.
 
-Full precision (w_bits = a_bits = None) it is numerically pytorchcv's network (spec imagenet.md 2);
-with bit-widths it is the GDFQ/AdaDFQ student (imagenet.md 4): every conv (the stem, all 17
+Full precision (w_bits = a_bits = None) it is numerically pytorchcv's network (docs/imagenet.md 2);
+with bit-widths it is the GDFQ/AdaDFQ student (docs/imagenet.md 4): every conv (the stem, all 17
 depthwise 3x3s and the 1x1 classifier included, 54 in all) is weight-quantized per output
 channel, and a QuantAct follows every ReLU6 (36) and nothing else. The linear-bottleneck outputs,
 the residual stream, pooling and the network input stay full precision.
@@ -30,7 +30,7 @@ from bag_jax.models import layers
 from bag_jax.models.layers import ConvBlock
 from bag_jax.models.resnet_imagenet import check_channels
 
-EXPANSION = 6   # the inverted residual's mid width is 6 x its input width (spec imagenet.md 2)
+EXPANSION = 6   # the inverted residual's mid width is 6 x its input width (docs/imagenet.md 2)
 
 
 class LinearBottleneck(nn.Module):

@@ -86,7 +86,7 @@ def quantized(model: nn.Module, w_bits, a_bits, range_rule: str = 'reference', s
     return build(describe(model), w_bits=w_bits, a_bits=a_bits, range_rule=range_rule, ste=ste)
 
 
-# The pytorchcv zoo networks the papers use, by their zoo name (spec 1.1, spec imagenet.md 1-2):
+# The pytorchcv zoo networks the papers use, by their zoo name (docs/algorithms.md 1.1, docs/imagenet.md 1-2):
 # enough to build each one (e.g. with random weights, for benchmarks) without its file.
 PYTORCHCV_NETWORKS: dict[str, dict[str, Any]] = {
     'resnet20_cifar100': {'arch': 'resnet_cifar', 'depth': 20, 'num_classes': 100},

@@ -1,7 +1,7 @@
 """pytorchcv's CIFAR ResNet (`resnetNN_cifarK`) in Flax linen, NHWC; teacher and student in one module.
 
 Full precision (w_bits = a_bits = None) it is the teacher, numerically the pytorchcv network
-(spec 1.2). With bit-widths it is the GDFQ/AdaDFQ student (spec 2.1): every conv and the dense
+(docs/algorithms.md 1.2). With bit-widths it is the GDFQ/AdaDFQ student (docs/algorithms.md 2.1): every conv and the dense
 head are weight-quantized per output channel, the first and last layers included, and a QuantAct
 follows every ReLU. BatchNorm, the residual add, pooling and the network input stay full
 precision.
@@ -15,8 +15,8 @@ are.
 
 Two collections are filled only when the caller makes them mutable (otherwise nothing is kept):
   * 'bn_inputs': the input of every BatchNorm, at the BN's path (`init_block/bn/input`), for the
-    BN-statistics loss (spec 4.1); `bn_input_pairs` matches them with the BN running statistics;
-  * 'features': each residual unit's conv-branch output before the add (`branch`, spec 8.2b) and
+    BN-statistics loss (docs/algorithms.md 4.1); `bn_input_pairs` matches them with the BN running statistics;
+  * 'features': each residual unit's conv-branch output before the add (`branch`, docs/algorithms.md 8.2b) and
     the unit's output after its ReLU (and QuantAct) (`out`), for channel-attention distillation.
 """
 
@@ -51,7 +51,7 @@ class ResNetCifar(nn.Module):
     already normalized, float (B, H, W, C); returns (B, num_classes) logits.
       train:     BN normalizes with batch statistics and (if 'batch_stats' is mutable) updates its
                  running averages: full-precision teacher training only. The student always runs
-                 with train=False, i.e. on the teacher's running statistics (spec 2.5).
+                 with train=False, i.e. on the teacher's running statistics (docs/algorithms.md 2.5).
       calibrate: QuantActs update their ranges from this batch (needs mutable 'quant_stats').
     """
     num_classes: int

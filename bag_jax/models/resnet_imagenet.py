@@ -1,7 +1,7 @@
 """pytorchcv's ImageNet ResNet (`resnet18`, `resnet50`) in Flax linen, NHWC; teacher and student in one module.
 
-Full precision (w_bits = a_bits = None) it is numerically pytorchcv's network (spec imagenet.md 2);
-with bit-widths it is the GDFQ/AdaDFQ student (imagenet.md 4): every conv (the 7x7 stem and the 1x1
+Full precision (w_bits = a_bits = None) it is numerically pytorchcv's network (docs/imagenet.md 2);
+with bit-widths it is the GDFQ/AdaDFQ student (docs/imagenet.md 4): every conv (the 7x7 stem and the 1x1
 shortcuts included) and the dense head are weight-quantized per output channel, and a QuantAct
 follows every ReLU (17 in ResNet-18, 49 in ResNet-50) and nothing else. BatchNorm, the residual
 add, the max pool's input domain, pooling and the network input stay full precision.
@@ -26,14 +26,14 @@ from bag_jax import quant
 from bag_jax.models import layers
 from bag_jax.models.layers import ConvBlock
 
-BOTTLENECK_FACTOR = 4   # mid = out / 4 in a bottleneck unit (spec imagenet.md 2)
+BOTTLENECK_FACTOR = 4   # mid = out / 4 in a bottleneck unit (docs/imagenet.md 2)
 
 
 class ResUnit(nn.Module):
     """pytorchcv's ResUnit: y = QuantAct(ReLU(body(x) + identity(x))).
 
     Basic body: conv3x3(stride)-BN-ReLU-conv3x3-BN. Bottleneck body (`conv1_stride=True`, the
-    stride on the FIRST 1x1; spec imagenet.md 2): conv1x1(stride)-BN-ReLU-conv3x3-BN-ReLU-conv1x1-BN,
+    stride on the FIRST 1x1; docs/imagenet.md 2): conv1x1(stride)-BN-ReLU-conv3x3-BN-ReLU-conv1x1-BN,
     mid = features / 4. The identity is conv1x1(stride)-BN when the width or the size changes.
     Shared with `resnet_cifar` (basic), as pytorchcv's CIFARResNet reuses this unit.
     """
