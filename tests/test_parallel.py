@@ -131,8 +131,14 @@ def test_two_processes_train_quantize_and_resume_as_one(digits_teacher, tmp_path
     two = dict(np.load(workdir / 'one_step.npz'))
     one = one_step_results(digits_teacher)
     np.testing.assert_array_equal(two.pop('data/teacher_labels'), one.pop('data/teacher_labels'))
-    # gloo sums the BN statistics in another order: quantized activations may step a level.
-    assert_one_step_close(two, one, multiprocess_config().batch_size, 'one step: ', tol=QUANTIZED_ONE_STEP_SPREAD)
+    # The float teacher step to rounding; the quantized DFQ step, where gloo's other order of the BN
+    # statistics' sums may step an activation a level, within the bounds of its inputs.
+    c = multiprocess_config()
+    float_part = lambda d: {k: v for k, v in d.items() if k.startswith('teacher/')}
+    assert_one_step_close(float_part(two), float_part(one), c.teacher.batch_size, 'one step: ')
+    quantized_part = lambda d: {k: v for k, v in d.items() if not k.startswith('teacher/')}
+    assert_one_step_close(quantized_part(two), quantized_part(one), c.batch_size, 'one step: ',
+                          tol=QUANTIZED_ONE_STEP_SPREAD, a_bits=c.quant.a_bits)
 
     seen = [json.loads((workdir / f'process_{i}.json').read_text()) for i in range(NUM_PROCESSES)]
     assert [(s['process_index'], s['process_count'], s['local_devices'], s['devices']) for s in seen] == [
@@ -154,7 +160,6 @@ def test_two_processes_train_quantize_and_resume_as_one(digits_teacher, tmp_path
         assert abs(teacher_meta[key] - reference_meta[key]) <= WHOLE_RUN_ACCURACY_SPREAD, key
 
     # Quantization of that same teacher by one process, uninterrupted (4 iterations).
-    c = multiprocess_config()
     c.teacher.checkpoint = str(workdir / 'teacher')
     reference = dfq.train_and_evaluate(c, str(tmp_path / 'one_process'))
     accuracies = ('teacher_top1', 'ptq_top1', 'best_top1', 'last_top1')

@@ -115,20 +115,84 @@ def sgd_gradient(opt_state):
     return optax.tree_utils.tree_get(opt_state, 'trace')
 
 
-def assert_one_step_close(a: dict, b: dict, batch_size: int, what: str = '', tol: float = ONE_STEP_SPREAD) -> None:
-    """Compares two one-step results (`dfq_one_step`, tests/multiprocess_worker.py): batch
-    fractions (teacher accuracy on the generated images, teacher-student agreement) within one
-    sample; gradients and updates to rounding of the largest element of each; the rest (losses,
-    ranges, BN statistics) to rounding of each array."""
+def quantization_level(x_min, x_max, a_bits: int):
+    """One step of the activation grid of a quantizer with range [x_min, x_max] at `a_bits`
+    (bag_jax.quant: 2^bits levels over the range)."""
+    return (np.asarray(x_max, np.float64) - np.asarray(x_min, np.float64)) / (2.0**a_bits - 1.0)
+
+
+def assert_ranges_close(a: dict, b: dict, tol: float, a_bits: int, what: str = '') -> None:
+    """Activation ranges (`.../x_min`, `.../x_max`, `.../beta_t` by quantizer) of two layouts.
+
+    A range is the extreme of activations that passed through earlier quantizers: an input on a
+    level boundary that rounds the other way moves it by about one level of the grid, whatever
+    the range's own size (a range near 0 would fit no relative bound). So each end may differ by
+    `tol` of the quantizer's larger end plus one quantization level of its range; `beta_t`, a
+    count, exactly."""
+    assert a.keys() == b.keys(), (what, sorted(a.keys() ^ b.keys()))
+    quantizers = {name.rsplit('/', 1)[0] for name in b}
+    for q in sorted(quantizers):
+        lo, hi = np.asarray(b[f'{q}/x_min'], np.float64), np.asarray(b[f'{q}/x_max'], np.float64)
+        scale = np.maximum(np.abs(lo), np.abs(hi))
+        allowed = tol * scale + np.abs(quantization_level(lo, hi, a_bits))
+        for end in ('x_min', 'x_max'):
+            worst = np.abs(np.asarray(a[f'{q}/{end}'], np.float64) - np.asarray(b[f'{q}/{end}'], np.float64))
+            assert np.all(worst <= allowed), (f'{what}{q}/{end}: differs by {worst.max():.3g}, allowed {tol:g} of '
+                                              f'the range plus one {a_bits}-bit level: {allowed.min():.3g}')
+        if f'{q}/beta_t' in b:
+            np.testing.assert_array_equal(a[f'{q}/beta_t'], b[f'{q}/beta_t'], err_msg=what + q)
+
+
+# The attention loss is ||A_s - A_t||^2 of L2-normalized channel-attention vectors (the default
+# 'energy' form), summed over layers: a small difference of terms of size ||A_s||^2 + ||A_t||^2 = 2
+# per layer, and its rounding is that of those terms, not of the difference.
+ATTENTION_TERM_SCALE = 2.0
+
+
+def assert_one_step_close(a: dict, b: dict, batch_size: int, what: str = '', tol: float = ONE_STEP_SPREAD, *,
+                          a_bits: int | None = None) -> None:
+    """Compares two one-step results (`dfq_one_step`, tests/multiprocess_worker.py), each
+    quantity against the size of what it is computed from, never of itself alone where a
+    cancellation or a quantizer can make it small:
+
+      * batch fractions (accuracy, teacher accuracy on the generated images, teacher-student
+        agreement): within one sample of `batch_size`;
+      * gradients: to `tol` of the largest element of the whole gradient;
+      * activation ranges: `assert_ranges_close` (one quantization level of `a_bits`, required
+        when ranges are compared);
+      * the channel-attention loss: to `tol` of ATTENTION_TERM_SCALE;
+      * BN running means: to `tol` of the layer's largest running standard deviation (a mean near
+        0 is a cancellation of activations of that size);
+      * the rest (losses, BN variances, teacher metrics): to `tol` of each array's magnitude.
+    """
+    assert set(a) == set(b), (what, sorted(set(a) ^ set(b)))
     groups: dict[str, dict[str, tuple]] = {}
+    ranges: dict[str, dict[str, np.ndarray]] = {}
     for name in a:
-        if name.endswith(('/teacher_acc', '/agreement')):
+        parts = name.split('/')
+        if name.endswith(('/teacher_acc', '/agreement', '/accuracy')):
             np.testing.assert_allclose(a[name], b[name], atol=1.0 / batch_size + 1e-6, err_msg=what + name)
-            continue
-        group = name if not name.split('/')[1].endswith(('gradient', 'update')) else '/'.join(name.split('/')[:2])
-        groups.setdefault(group, {})[name] = (a[name], b[name])
-    assert {n for g in groups.values() for n in g} | {n for n in a if n.endswith(('/teacher_acc', '/agreement'))} \
-        == set(b), (what, sorted(set(a) ^ set(b)))
+        elif parts[1] == 'ranges':
+            prefix = '/'.join(parts[:2])
+            ranges.setdefault(prefix, {})[name] = (a[name], b[name])
+        elif parts[1].endswith(('gradient', 'update')):
+            groups.setdefault('/'.join(parts[:2]), {})[name] = (a[name], b[name])
+        elif name.endswith('/channel_attention'):
+            scale = max(float(np.abs(b[name]).max(initial=0.0)), ATTENTION_TERM_SCALE)
+            worst = float(np.abs(np.asarray(a[name], np.float64) - np.asarray(b[name], np.float64)).max(initial=0.0))
+            assert worst <= tol * scale, f'{what}{name}: differs by {worst:.3g} (allowed {tol:g} of {scale:g})'
+        elif parts[1] == 'batch_stats' and name.endswith('/mean') and name[:-4] + 'var' in b:
+            scale = float(np.sqrt(np.abs(np.asarray(b[name[:-4] + 'var'], np.float64))).max(initial=0.0))
+            scale = max(scale, float(np.abs(b[name]).max(initial=0.0)), 1e-30)
+            worst = float(np.abs(np.asarray(a[name], np.float64) - np.asarray(b[name], np.float64)).max(initial=0.0))
+            assert worst <= tol * scale, (f'{what}{name}: differs by {worst:.3g}, {worst / scale:.3g} of the '
+                                          f'largest running standard deviation {scale:.3g} (allowed {tol:g})')
+        else:
+            groups.setdefault(name, {})[name] = (a[name], b[name])
     for group, arrays in groups.items():
         assert_rounding_close({n: x for n, (x, _) in arrays.items()}, {n: y for n, (_, y) in arrays.items()},
                               tol, what, per_array=len(arrays) == 1)
+    for prefix, arrays in ranges.items():
+        assert a_bits is not None, f'{what}{prefix}: ranges are compared within a quantization level: pass a_bits'
+        assert_ranges_close({n: x for n, (x, _) in arrays.items()}, {n: y for n, (_, y) in arrays.items()},
+                            tol, a_bits, what)
