@@ -51,11 +51,63 @@ class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be read (damaged, truncated, or written by something else)."""
 
 
-def model_meta(info, model, source: str, **extra) -> dict[str, Any]:
+def model_meta(info, model, source: str, data_config=None, **extra) -> dict[str, Any]:
     """The JSON description of the network `model` (its architecture, `models.describe`) for data
-    described by `info` (a data.DatasetInfo); `extra` adds fields (accuracies, a student's 'quant')."""
-    return {**models.describe(model), 'num_classes': info.num_classes, 'data': info.to_dict(),
-            'source': source, **extra}
+    described by `info` (a data.DatasetInfo); `extra` adds fields (accuracies, a student's 'quant').
+    `data_config` (the run's `config.data`) is recorded as DATA_SOURCE (`data_record`): where the
+    images the model was trained or quantized with came from, which evaluation and export use
+    unless told otherwise (`data_config_for`)."""
+    meta = {**models.describe(model), 'num_classes': info.num_classes, 'data': info.to_dict(), 'source': source}
+    if data_config is not None:
+        meta[DATA_SOURCE] = data_record(data_config)
+    return {**meta, **extra}
+
+
+# The config.data fields that say where each source's images are and how its test split is made.
+DATA_SOURCE = 'data_source'
+_SOURCE_FIELDS = {'cifar100': ('tfds_dir',), 'cifar10': ('tfds_dir',), 'digits': ('digits_test_fraction',),
+                  'npz': ('npz_path',), 'imagenet2012': ('tfds_dir', 'image_size'),
+                  'imagefolder': ('imagefolder_dir', 'image_size')}
+DATA_FIELDS = ('name', 'npz_path', 'tfds_dir', 'imagefolder_dir', 'digits_test_fraction', 'image_size')
+DATA_PATH_FIELDS = ('npz_path', 'tfds_dir', 'imagefolder_dir')
+
+
+def data_record(data_config) -> dict[str, Any]:
+    """What `model_meta` records of a run's `config.data`: the source's name and the fields that
+    locate its images and make its test split (npz_path; tfds_dir; imagefolder_dir and
+    image_size; digits_test_fraction), paths made absolute, an unset one as None."""
+    get = data_config.get if hasattr(data_config, 'get') else lambda k, d=None: getattr(data_config, k, d)
+    name = get('name')
+    record = {'name': name}
+    for field in _SOURCE_FIELDS.get(name, ()):
+        value = get(field, None)
+        if field in DATA_PATH_FIELDS and value is not None:
+            value = os.path.abspath(os.fspath(value))
+        elif field == 'digits_test_fraction' and value is None:
+            value = 0.25        # data.load_dataset's default
+        record[field] = value
+    return record
+
+
+def data_config_for(meta: dict[str, Any], overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """The data config (DATA_FIELDS) to score a checkpoint with, and which of its fields came from
+    the checkpoint's DATA_SOURCE record.
+
+    Every field of `overrides` (the user's flags or config.data) that is set wins. The others come
+    from the record, unless `overrides` names another source; without a record (a checkpoint
+    written before it was kept, a converted one) the source is the checkpoint's dataset and the
+    other fields are unset (the loaders' defaults), as before. The image size defaults to the
+    checkpoint's (ImageNet-style sources)."""
+    given = {k: v for k, v in (overrides or {}).items() if v is not None and k in DATA_FIELDS}
+    record = meta.get(DATA_SOURCE) if isinstance(meta.get(DATA_SOURCE), dict) else None
+    if record is not None and given.get('name', record.get('name')) != record.get('name'):
+        record = None       # another source than the one recorded: nothing recorded applies
+    recorded = {k: v for k, v in (record or {}).items() if k in DATA_FIELDS and v is not None}
+    config = {field: None for field in DATA_FIELDS}
+    config.update(name=meta['data']['name'], image_size=meta['data']['image_shape'][0])
+    config.update(recorded)
+    config.update(given)
+    return config, [k for k in recorded if k not in given and k != 'name']
 
 
 def save_teacher(directory: str, variables: dict, meta: dict[str, Any]) -> None:

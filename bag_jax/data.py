@@ -17,7 +17,7 @@ Sources (`data.name`):
                      manual download in `data.tfds_dir`; evaluation only (no train split).
   imagefolder        `data.imagefolder_dir`, one folder of images per class (torchvision's
                      ImageFolder layout); evaluation only.
-The last two get the reference's evaluation transform (spec imagenet.md 6), with Pillow.
+The last two get the reference's evaluation transform (docs/imagenet.md 6), with Pillow.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-# Test-time normalization of the reference code (spec reference-algorithms 1.3), in [0, 1]
+# Test-time normalization of the reference code (docs/algorithms.md 1.3), in [0, 1]
 # pixel units.
 CIFAR100_MEAN = (0.50705882, 0.48666667, 0.44078431)
 CIFAR100_STD = (0.26745098, 0.25568627, 0.27607843)
@@ -58,7 +58,7 @@ _TFDS_SOURCES = {
     'cifar100': (100, CIFAR100_MEAN, CIFAR100_STD),
     'cifar10': (10, CIFAR10_MEAN, CIFAR10_STD),
 }
-# Where tfds's cifar builders download from (spec jax-stack 1.2). Offline, tfds retries the
+# Where tfds's cifar builders download from. Offline, tfds retries the
 # download with backoff for about 3.5 minutes before it fails, so a name lookup comes first.
 _TFDS_DOWNLOAD_HOST = 'www.cs.toronto.edu'
 _TFDS_READ_BATCH = 4096
@@ -355,7 +355,7 @@ def cifar_info(name: str) -> DatasetInfo:
                        augment='crop_flip')
 
 
-# ImageNet (ILSVRC2012) as the pytorchcv zoo's models expect it (spec imagenet.md 6): 1000 classes
+# ImageNet (ILSVRC2012) as the pytorchcv zoo's models expect it (docs/imagenet.md 6): 1000 classes
 # in sorted WordNet-id order, normalized with these per-channel values after ToTensor's /255.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -389,12 +389,12 @@ def imagenet_class_ids() -> tuple[str, ...]:
 
 def imagenet_resize_size(image_size: int) -> int:
     """The shorter side an image is resized to before the center crop of `image_size`: 256 for the
-    reference's 224 (Resize(256) -> CenterCrop(224), spec imagenet.md 6), in proportion otherwise."""
+    reference's 224 (Resize(256) -> CenterCrop(224), docs/imagenet.md 6), in proportion otherwise."""
     return int(round(image_size * 256 / 224))
 
 
 def preprocess_image(image: Image.Image, image_size: int = IMAGENET_IMAGE_SIZE) -> np.ndarray:
-    """The reference's evaluation transform up to ToTensor (spec imagenet.md 6), as torchvision
+    """The reference's evaluation transform up to ToTensor (docs/imagenet.md 6), as torchvision
     does it on a PIL image: convert('RGB') (torchvision's pil_loader); Resize(r) with
     r = imagenet_resize_size(image_size), which scales the shorter side to r and the longer one to
     int(r * long / short) (truncated) with PIL's bilinear filter; CenterCrop(image_size), whose
@@ -565,7 +565,7 @@ def _load_imagenet2012(tfds_dir, image_size: int, process_index: int, process_co
     if 'validation' not in builder.info.splits:
         raise _imagenet2012_unavailable(f'the copy in {where} was prepared without its validation split', data_dir)
     # tfds's ClassLabel reads datasets/imagenet2012/labels.txt, the sorted WordNet ids: the order of
-    # torchvision's ImageFolder (sorted folder names), hence of the pytorchcv zoo (spec imagenet.md 6).
+    # torchvision's ImageFolder (sorted folder names), hence of the pytorchcv zoo (docs/imagenet.md 6).
     names = tuple(builder.info.features['label'].names)
     if names != imagenet_class_ids():
         raise ValueError(f'the imagenet2012 copy in {where} has {len(names)} classes that are not the 1000 sorted '
@@ -574,7 +574,7 @@ def _load_imagenet2012(tfds_dir, image_size: int, process_index: int, process_co
     start, stop = _share_bounds(total, process_index, process_count)
     split = f'validation[{start}:{stop}]'
     # The encoded JPEG bytes, decoded by Pillow as for imagefolder: tf.image's decoding and resizing
-    # differ from the reference's (spec imagenet.md 6).
+    # differ from the reference's (docs/imagenet.md 6).
     decoders = {'image': tfds.decode.SkipDecoding()}
     array_record = str(getattr(builder.info.file_format, 'value', builder.info.file_format)) == 'array_record'
     if not array_record:
@@ -635,6 +635,10 @@ def _read_digits(test_fraction) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     return x_train, y_train, x_test, y_test
 
 
+_ZIP_MAGICS = (b'PK\x03\x04', b'PK\x05\x06')   # what np.load takes for an .npz (a zip archive)
+_NPY_MAGIC = b'\x93NUMPY'                         # a single .npy array
+
+
 def _read_npz(npz_path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Reads and checks the user's npz file: uint8 (N, H, W, C) images, int32 (N,) labels."""
     if npz_path is None:
@@ -646,6 +650,19 @@ def _read_npz(npz_path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
     def unreadable(why) -> ValueError:
         return ValueError(f'data.npz_path={npz_path!r} is not a readable .npz file ({why}); write it '
                           f'with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...).')
+
+    # np.load reads a zip archive as an .npz, '\x93NUMPY' as one .npy array, and anything else as a
+    # pickle, which allow_pickle=False refuses with a message about pickles: say what is wrong.
+    try:
+        with open(npz_path, 'rb') as f:
+            head = f.read(len(_NPY_MAGIC))
+    except OSError as e:
+        raise unreadable(e) from e
+    if not head.startswith(_ZIP_MAGICS + (_NPY_MAGIC,)):
+        what = 'it is empty' if not head else f'it is not a zip archive, as np.savez writes (it begins with {head!r})'
+        raise ValueError(f'data.npz_path={npz_path!r} is not an .npz file (numpy.savez): {what}. It must hold the '
+                         f'arrays {", ".join(_NPZ_KEYS)}: write it with np.savez(path, x_train=..., y_train=..., '
+                         'x_test=..., y_test=...).')
 
     read_errors = (OSError, ValueError, EOFError, zipfile.BadZipFile)
     try:

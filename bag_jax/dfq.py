@@ -1,6 +1,6 @@
 """Data-free quantization training: GDFQ, AdaDFQ and BAG in one compiled, data-parallel step.
 
-One iteration (spec 5.2, 5.3) draws z and labels, generates a batch, takes one Adam step on the
+One iteration (docs/algorithms.md 5.2, 5.3) draws z and labels, generates a batch, takes one Adam step on the
 generator and one SGD step on the quantized student on that same batch, all in one compiled
 program with the batch sharded over a ('data',) mesh. On GPU and TPU a whole epoch of iterations
 is one `lax.scan` inside that program (on CPU, see `make_train_epoch`). The epoch number is a
@@ -14,10 +14,10 @@ size K, sharded over the mesh's 'runs' axis. A sweep's values are per-run entrie
 (`DFQState.hparams`), so the whole sweep compiles once.
 
 Methods (`config.method`; each part of BAG switches off on its own):
-  gdfq    L_G = CE(t, y) + 0.1 BNS;  L_Q = CE(s, y) + KD                   (spec 4.2)
-  adadfq  L_G = margin + beta L_bal + gamma BNS, through P and Q;  L_Q = -T^2 H   (spec 4.3)
+  gdfq    L_G = CE(t, y) + 0.1 BNS;  L_Q = CE(s, y) + KD                   (docs/algorithms.md 4.2)
+  adadfq  L_G = margin + beta L_bal + gamma BNS, through P and Q;  L_Q = -T^2 H   (docs/algorithms.md 4.3)
   bag     adadfq, generator quantized at the student's bits (generator.quantize), plus
-          mu * channel-attention distillation in L_Q (loss.channel_attention)   (spec 8.2)
+          mu * channel-attention distillation in L_Q (loss.channel_attention)   (docs/algorithms.md 8.2)
 """
 
 from __future__ import annotations
@@ -37,18 +37,17 @@ import numpy as np
 import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
-from tqdm import tqdm
 
-from bag_jax import checkpoint, data, evaluate, losses, metrics, models, parallel, quant, report, sweep, teacher, validation
+from bag_jax import checkpoint, console, data, evaluate, losses, metrics, models, parallel, quant, report, sweep, teacher, validation
 from bag_jax.models import Generator, bn_input_pairs, unit_features
 from bag_jax.models.resnet_cifar import unit_index
 
 DFQ_STATE_DIR = 'dfq_state'
-IMAGES_DIR = 'images'
+IMAGES_DIR = metrics.IMAGES_DIR     # written by MetricWriter.write_image
 ADAM_EPS = 1e-8
 GRID_PER_CLASS = 8
 # Above this many pixels per image (64x64) a run warns with its expected memory: the generator's
-# first layer grows with the pixel count (spec 3), 210M parameters at 512x512.
+# first layer grows with the pixel count (docs/algorithms.md 3), 210M parameters at 512x512.
 LARGE_IMAGE_PIXELS = 64 * 64
 STUDENTS_DIR = 'students'   # one student per run of a multi-run program: students/<run name>/
 RUNTIME_BYTES = 1e9    # the peak memory of a CIFAR-sized run beyond its arrays, measured on CPU
@@ -99,7 +98,7 @@ def generator_optimizer(h: Callable[[str], Any]) -> optax.GradientTransformation
 
 
 def student_optimizer(h: Callable[[str], Any], nesterov: bool) -> optax.GradientTransformation:
-    """PyTorch's coupled-decay Nesterov SGD without the learning rate (spec 5.1, pitfall 9.15)."""
+    """PyTorch's coupled-decay Nesterov SGD without the learning rate (docs/algorithms.md 5.1, pitfall 9.15)."""
     return optax.chain(optax.add_decayed_weights(h('student.weight_decay')),
                        optax.trace(decay=h('student.momentum'), nesterov=nesterov))
 
@@ -127,13 +126,13 @@ def build_setup(config, teacher_model: nn.Module, info: data.DatasetInfo) -> Set
 
 
 def learning_rate(base: float, epoch, milestones: tuple[int, ...], decay: float):
-    """base * decay^(milestones passed): `epoch + 1 > m` in the reference's LRPolicy (spec 9.14)."""
+    """base * decay^(milestones passed): `epoch + 1 > m` in the reference's LRPolicy (docs/algorithms.md 9.14)."""
     passed = sum((epoch >= m).astype(jnp.float32) for m in milestones) if milestones else 0.0
     return base * decay**passed
 
 
 def init_state(setup: Setup, teacher_variables, seed, hparams=None) -> DFQState:
-    """One run's initial state: a fresh generator, the student a copy of the teacher (spec 1.1);
+    """One run's initial state: a fresh generator, the student a copy of the teacher (docs/algorithms.md 1.1);
     `hparams` its swept values (default none)."""
     key = jax.random.PRNGKey(seed)
     gen_key, stu_key, rng = jax.random.split(key, 3)
@@ -162,7 +161,7 @@ def init_states(setup: Setup, teacher_variables, first_seed: int, num_seeds: int
 
 
 def distilled_features(collections, layers: str) -> list[jax.Array]:
-    """The tensors channel attention compares, from a network's sown collections (spec 8.2b):
+    """The tensors channel attention compares, from a network's sown collections (docs/algorithms.md 8.2b):
     'branch' (each unit's conv branch), 'unit_out', 'stage_out' (last unit of each stage), 'conv'
     (every conv output, i.e. every BN input). Units are named `stage{S}_unit{U}` in every
     architecture (models.registry)."""
@@ -195,6 +194,12 @@ class Phase:
     calibrate: bool        # the activation ranges update: the first calibration_epochs
     train_student: bool    # the student steps: from warmup_epochs on
 
+    @property
+    def name(self) -> str:
+        if self.calibrate:
+            return 'calibration' + (' and fine-tuning' if self.train_student else '')
+        return 'fine-tuning' if self.train_student else 'warm-up'
+
 
 def phase_of(setup: Setup, epoch: int) -> Phase:
     """The phase of (0-based) `epoch`."""
@@ -209,7 +214,7 @@ def train_iteration(setup: Setup, state: DFQState, teacher_variables, epoch, pha
     statistics) and, for AdaDFQ/BAG, Q's (the student's logits) with respect to the images. Once
     the ranges are frozen, the student step runs on the same images with the same parameters and
     ranges, so it reuses that one student forward and takes the parameters' VJP from it. While
-    they calibrate, the reference updates them in both forwards (spec 5.2), so the student step
+    they calibrate, the reference updates them in both forwards (docs/algorithms.md 5.2), so the student step
     runs its own forward on the updated ranges.
     """
     L, h = setup.loss, setup.reader(state.hparams)
@@ -259,7 +264,7 @@ def train_iteration(setup: Setup, state: DFQState, teacher_variables, epoch, pha
     gen_updates, gen_opt_state = generator_optimizer(h).update(gen_grads, state.gen_opt_state, state.gen_params)
     gen_params = optax.apply_updates(state.gen_params, jax.tree.map(lambda u: -gen_lr * u, gen_updates))
 
-    # Student step on the same batch, detached, with the teacher's logits and features (spec 9.10).
+    # Student step on the same batch, detached, with the teacher's logits and features (docs/algorithms.md 9.10).
     if setup.method == 'gdfq' or phase.calibrate:
         (s, s_col), params_vjp, stu_quant_stats = jax.vjp(
             lambda p: student_forward(p, jax.lax.stop_gradient(x), stu_quant_stats), state.stu_params, has_aux=True)
@@ -369,15 +374,21 @@ def make_train_epoch(setup: Setup, mesh, num_seeds: int, loop: str = 'auto') -> 
         # epoch slices and restacks the ~300 arrays of the state on the host.
         return on_mesh(over_runs(iteration, vectorize=False))
 
-    def epoch_fn(state, teacher_variables, epoch):
+    def epoch_fn(state, teacher_variables, epoch, on_iteration: Callable[[int], None] | None = None):
+        """`on_iteration(n)`, if given, hears of every n iterations done (progress; the scanned
+        epoch reports all of them at its end)."""
+        on_iteration = on_iteration or (lambda n: None)
         compiled = program(phase_of(setup, int(epoch)))
         if loop == 'scan':
-            return compiled(state, teacher_variables, epoch)
+            out = compiled(state, teacher_variables, epoch)
+            on_iteration(setup.iters_per_epoch)
+            return out
         if rows > 1 or local == 1:
             per_iteration = []
             for _ in range(setup.iters_per_epoch):
                 state, step_metrics = compiled(state, teacher_variables, epoch)
                 per_iteration.append(step_metrics)
+                on_iteration(1)
             return state, jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs), axis=0), *per_iteration)
         # Runs sharing one row, one per call: vmapping over them turns XLA:CPU's convolutions
         # into grouped ones with batched kernels, which it runs far slower than K separate calls
@@ -393,6 +404,7 @@ def make_train_epoch(setup: Setup, mesh, num_seeds: int, loop: str = 'auto') -> 
                 if mesh.devices.size > 1:
                     jax.block_until_ready(step_metrics)
                 per_iteration[k].append(step_metrics)
+            on_iteration(1)
         epoch_metrics = [jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *m) for m in per_iteration]
         stack = lambda *xs: jnp.stack(xs)
         return jax.device_put(jax.tree.map(stack, *runs), by_run), jax.tree.map(stack, *epoch_metrics)
@@ -423,7 +435,7 @@ def _with_run_axis(fn):
 
 
 def student_variables(state: DFQState, teacher_variables) -> dict:
-    """The students' variables (leading seed axis), BN statistics being the teacher's (spec 2.5)."""
+    """The students' variables (leading seed axis), BN statistics being the teacher's (docs/algorithms.md 2.5)."""
     return {'params': state.stu_params, 'quant_stats': state.stu_quant_stats,
             'batch_stats': teacher_variables['batch_stats']}
 
@@ -566,11 +578,19 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                                  f'has finished: use epochs={start} or more to extend it, or a new --workdir.')
             logging.info('quantization: resuming after epoch %d of %d', start, config.epochs)
         writer.resume(config.method, start)
-        progress = tqdm(range(start, config.epochs), initial=start, total=config.epochs, desc=config.method,
-                        unit='epoch', disable=None if jax.process_index() == 0 else True)
-        for epoch in progress:
+        iters = config.iters_per_epoch
+        progress = console.Progress(config.epochs * iters, initial=start * iters, desc=config.method,
+                                    unit='iteration', images_per_step=config.batch_size * K,
+                                    enabled=jax.process_index() == 0)
+        compiled_phases = set()
+        for epoch in range(start, config.epochs):
             t0 = time.time()
-            state, epoch_metrics = train_epoch(state, teacher_variables, jnp.int32(epoch))
+            phase = phase_of(setup, epoch)
+            if phase not in compiled_phases:
+                compiled_phases.add(phase)
+                logging.info('epoch %d: compiling the %s program (once per run; XLA on CPU may take minutes, a '
+                             'cached program loads in seconds)', epoch + 1, phase.name)
+            state, epoch_metrics = train_epoch(state, teacher_variables, jnp.int32(epoch), progress.update)
             epoch_metrics = {k: np.atleast_1d(np.asarray(v)) for k, v in parallel.to_host(epoch_metrics).items()}
             live = _check_finite(epoch_metrics, history['diverged'], runs, epoch, ckpts.latest_epoch(),
                                  os.path.join(workdir, DFQ_STATE_DIR))
@@ -593,16 +613,18 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                                 for k, run in enumerate(runs)})
             if epoch % config.log_every == 0 or epoch == config.epochs - 1:
                 writer.write(epoch + 1, scalars, phase=config.method)
-            progress.set_postfix(loss_g=f'{scalars["loss_g"]:.3f}', loss_s=f'{scalars["loss_s"]:.3f}',
+            progress.set_postfix(epoch=epoch + 1, loss_g=f'{scalars["loss_g"]:.3f}', loss_s=f'{scalars["loss_s"]:.3f}',
                                  top1=f'{scalars["top1"]:.2f}')
             if config.image_grid_every and (epoch % config.image_grid_every == 0 or epoch == config.epochs - 1):
                 # The generator's parameters live on every process's devices: all run it, process 0 writes.
                 grid = image_grid(state)
-                if jax.process_index() == 0:
-                    os.makedirs(os.path.join(workdir, IMAGES_DIR), exist_ok=True)
-                    metrics.save_png(os.path.join(workdir, IMAGES_DIR, f'epoch_{epoch + 1:04d}.png'), grid)
+                if jax.process_index() == 0:     # images/epoch_NNNN.png and TensorBoard, rows labelled
+                    labels = metrics.row_labels(info.num_classes, metrics.class_names(info))
+                    writer.write_image(epoch + 1, metrics.readable_grid(grid, info.image_shape[:2], labels),
+                                       phase=config.method)
             ckpts.save(epoch + 1, state, {'epoch': epoch + 1, 'history': history, 'ptq_top1': ptq_top1,
                                           'wall_s': wall_s})
+        progress.close()
 
     host_state = parallel.to_host(state)
     for k, run in enumerate(runs):
@@ -613,7 +635,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                          'quant_stats': jax.tree.map(lambda a: a[k], host_state.stu_quant_stats),
                          'batch_stats': teacher_host['batch_stats']}
             meta = checkpoint.model_meta(
-                info, teacher_model, source=f'{config.method} from {teacher_meta["source"]}',
+                info, teacher_model, source=f'{config.method} from {teacher_meta["source"]}', data_config=config.data,
                 quant={'w_bits': setup.student.w_bits, 'a_bits': setup.student.a_bits,
                        'range_rule': config.quant.range_rule, 'ste': config.quant.ste},
                 top1=history['top1'][-1][k], epochs=config.epochs, seed=run.seed, overrides=dict(run.overrides),
@@ -621,7 +643,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
             checkpoint.save_model(directory, variables, meta, 'student')
     summary = make_summary(config, runs, history, ptq_top1, teacher_top1, wall_s, devices)
     metrics.write_summary(workdir, summary)
-    logging.info('summary: %s', summary)
     if jax.process_index() == 0:
         print(report.format_summary(summary), flush=True)
     return summary

@@ -1,6 +1,6 @@
 """Deployable students: packed integer weights and a portable integer-inference module.
 
-    python -m bag_jax.export --checkpoint=W/student --out=OUT [--npz_path=F.npz | --tfds_dir=DIR]
+    python -m bag_jax.export --checkpoint=W/student --out=OUT [--npz_path=F.npz | --tfds_dir=DIR | ...]
 
 writes, for a student quantized at w_bits, a_bits <= 8:
 
@@ -20,8 +20,11 @@ writes, for a student quantized at w_bits, a_bits <= 8:
                         logits = model.call(images_uint8)
   OUT/export.json   architecture, bit-widths, byte sizes (float32 weights against packed), and
                     the agreement of the integer model (model.jax itself) with the fake-quantized
-                    student on the test split: predicted-class agreement, both top-1, the max
-                    and mean absolute logit differences.
+                    student on the test split of the data the student was quantized with (as
+                    student.json records them; --npz_path, --tfds_dir, --imagefolder_dir,
+                    --digits_test_fraction, --image_size override), both models normalizing
+                    with the student's statistics: predicted-class agreement, both top-1, the
+                    max and mean absolute logit differences.
 
 Everything is written into OUT.partial/ and renamed to OUT when complete; an OUT that holds
 something other than an earlier export is never replaced.
@@ -36,7 +39,6 @@ import shutil
 import sys
 from typing import Any, Optional
 
-import ml_collections
 import numpy as np
 
 from bag_jax import checkpoint, data, integer_inference, models
@@ -159,17 +161,24 @@ def _prepare_out(out: str) -> str:
 def export(checkpoint_dir: str, out: str, data_config=None, eval_batch_size: int = 200,
            measure: bool = True) -> dict[str, Any]:
     """Exports the student in `checkpoint_dir` to `out` (see the module docstring); returns the
-    export.json content. `data_config` (name, npz_path, tfds_dir) defaults to the student's own
-    dataset; `measure=False` skips the agreement (for a student whose data is not at hand)."""
+    export.json content. The agreement is measured on the data the student was quantized with
+    (as its student.json records them, `checkpoint.data_config_for`); each field of `data_config`
+    (name, npz_path, tfds_dir, imagefolder_dir, digits_test_fraction, image_size) that is set
+    overrides its recorded value. `measure=False` skips the agreement (for a student whose data is
+    not at hand). Both models normalize the images with the student's recorded statistics."""
     import jax
+    from bag_jax import evaluate
     kind, model, variables, meta = checkpoint.load_model(checkpoint_dir, field='--checkpoint')
     integer_inference.check_student({**meta, 'kind': kind}, f'--checkpoint {checkpoint_dir!r}')
+    # The student's own normalization, for the fake-quantized student as for the integer model
+    # (`integer_inference.make_forward` reads meta['data']), whatever data score them.
+    info = data.DatasetInfo.from_dict(meta['data'])
     dataset = None
     if measure:
-        config = {'name': meta['data']['name'], 'npz_path': None, 'tfds_dir': None, 'imagefolder_dir': None,
-                  'image_size': meta['data']['image_shape'][0], **(data_config or {})}
-        dataset = data.load_dataset(ml_collections.ConfigDict(config), process_index=0, process_count=1)
-        checkpoint.check_compatible(data.DatasetInfo.from_dict(meta['data']), dataset.info, '--checkpoint')
+        fields, recorded = checkpoint.data_config_for(meta, data_config)
+        dataset = evaluate.load_recorded(fields, recorded, os.path.abspath(checkpoint_dir), kind, '--',
+                                         process_index=0, process_count=1)
+        checkpoint.check_compatible(info, dataset.info, '--checkpoint')
     partial = _prepare_out(out)
     try:
         meta = {**meta, 'kind': kind}
@@ -189,7 +198,7 @@ def export(checkpoint_dir: str, out: str, data_config=None, eval_batch_size: int
             from jax import export as jax_export
             with open(os.path.join(partial, MODEL_FILE), 'rb') as f:
                 shipped = jax_export.deserialize(f.read())
-            fake = jax.jit(lambda x: model.apply(variables, data.normalize(x, dataset.info)))
+            fake = jax.jit(lambda x: model.apply(variables, data.normalize(x, info)))
             report['agreement'] = agreement(fake, shipped.call, dataset, eval_batch_size)
         with open(os.path.join(partial, REPORT_FILE), 'w') as f:
             json.dump(report, f, indent=2)
@@ -223,14 +232,23 @@ def main(argv: Optional[list[str]] = None) -> int:
                     'module, and its agreement with the fake-quantized student.')
     parser.add_argument('--checkpoint', required=True, metavar='DIR', help='a student checkpoint (W/student)')
     parser.add_argument('--out', required=True, metavar='OUT', help='the export directory to write')
-    parser.add_argument('--npz_path', default=None, help="score on this npz file's test split")
-    parser.add_argument('--tfds_dir', default=None, help='a prepared tensorflow-datasets directory (CIFAR, ImageNet)')
-    parser.add_argument('--imagefolder_dir', default=None, help='score on this folder of class folders (ImageNet)')
+    parser.add_argument('--npz_path', default=None, help="score on this npz file's test split (default: the "
+                        "one the student was quantized with, as student.json records it)")
+    parser.add_argument('--tfds_dir', default=None, help='a prepared tensorflow-datasets directory (CIFAR, ImageNet; '
+                        'default: the recorded one)')
+    parser.add_argument('--imagefolder_dir', default=None, help='score on this folder of class folders (ImageNet; '
+                        'default: the recorded one)')
+    parser.add_argument('--digits_test_fraction', type=float, default=None,
+                        help='digits: the share held out for testing (default: the recorded one, else 0.25)')
+    parser.add_argument('--image_size', type=int, default=None,
+                        help='ImageNet-style data: the centre crop (default: the recorded one)')
     parser.add_argument('--eval_batch_size', type=int, default=200)
     parser.add_argument('--no_agreement', action='store_true', help='skip the agreement measurement')
     args = parser.parse_args(argv)
     config = {k: v for k, v in (('npz_path', args.npz_path), ('tfds_dir', args.tfds_dir),
-                                 ('imagefolder_dir', args.imagefolder_dir)) if v}
+                                 ('imagefolder_dir', args.imagefolder_dir),
+                                 ('digits_test_fraction', args.digits_test_fraction),
+                                 ('image_size', args.image_size)) if v is not None}
     if args.npz_path:
         config['name'] = 'npz'
     if args.imagefolder_dir:

@@ -1,4 +1,6 @@
-"""Prints a finished run's results as the Markdown table that a sweep prints when it ends.
+"""Prints a finished run's results as the Markdown table that a sweep prints when it ends; and
+the tables that `evaluate` and teacher training print when they finish (`format_evaluation`,
+`format_teacher`).
 
     python -m bag_jax.report WORKDIR [WORKDIR ...]
 
@@ -37,6 +39,40 @@ def format_summary(summary: dict[str, Any]) -> str:
     heading = (f'{summary["method"]} W{summary["w_bits"]}A{summary["a_bits"]}, teacher {summary["teacher_top1"]:.2f} %, '
                f'{summary.get("num_runs", 1)} run(s), {summary["epochs"]} epochs')
     return heading + '\n\n' + sweep.markdown_table(groups(summary))
+
+
+def format_evaluation(summary: dict[str, Any]) -> str:
+    """The `evaluate` mode's result (its summary.json, with the checkpoint's `arch` if known) as a
+    heading and a one-row table: the checkpoint, its model (kind, architecture), a student's bits,
+    the dataset, the test images scored, top-1 and top-5 (%)."""
+    return f'evaluated {summary["kind"]} {summary["checkpoint"]}\n\n' + _accuracy_table(summary)
+
+
+def format_teacher(result: dict[str, Any]) -> str:
+    """A finished teacher training (`checkpoint`: where the teacher was saved, `kind`, `arch`,
+    `depth`, `epochs`, `dataset`, and the final epoch's `images`, `top1`, `top5`) as a heading and
+    a one-row table of its final test accuracy."""
+    return (f'teacher trained for {result["epochs"]} epoch(s), final test accuracy; saved to {result["checkpoint"]}'
+            '\n\n' + _accuracy_table({**result, 'kind': 'teacher'}))
+
+
+def _accuracy_table(summary: dict[str, Any]) -> str:
+    student = summary.get('w_bits') is not None
+    model = ' '.join(str(p) for p in (summary['kind'], summary.get('arch'),
+                                      f'depth {summary["depth"]}' if summary.get('depth') else None) if p)
+    header = ['checkpoint', 'model'] + (['bits'] if student else []) + ['dataset', 'images', 'top-1 %', 'top-5 %']
+    row = [summary['checkpoint'], model] + ([f'W{summary["w_bits"]}A{summary["a_bits"]}'] if student else []) + [
+        str(summary.get('dataset')), str(summary.get('images', 'n/a')), _percent(summary.get('top1')),
+        _percent(summary.get('top5'))]
+    return '\n'.join(['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header), '| ' + ' | '.join(row) + ' |'])
+
+
+def _percent(value) -> str:
+    if value is None:
+        return 'n/a'
+    if isinstance(value, (list, tuple)):
+        return ', '.join(_percent(v) for v in value)
+    return f'{value:.2f}'
 
 
 def read_summary(workdir: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import numbers
 from typing import Any
@@ -66,29 +67,65 @@ def config_value(config, field: str):
 def sweep_of(config) -> dict[str, tuple[float, ...]]:
     """config.sweep checked: {field: values} (empty without a sweep). Raises ValueError naming a
     field that cannot be swept (one that changes shapes or the program: bit-widths, method,
-    batch size, depth, data), a value that is not a number, or an empty value list."""
+    batch size, depth, data, and every boolean field), a value that is not a finite number, or an
+    empty value list.
+
+    The sweep is a dict, or its JSON text: the command line's parser (Python literals) leaves
+    `--config.sweep='{"generator.quantize": [true, false]}'` or `[0.1, NaN]` a string."""
     sweep = config.get('sweep')
+    if isinstance(sweep, str):
+        sweep = _parse_json(sweep)
     if sweep is None or (hasattr(sweep, '__len__') and len(sweep) == 0):
         return {}
     if not hasattr(sweep, 'items'):
-        raise ValueError(f'sweep={sweep!r} is not allowed: use a dict of dotted config fields to lists of values, e.g. '
-                         '--config.sweep=\'{"loss.channel_attention": [0, 5]}\'.')
+        raise ValueError(f'sweep={sweep!r} is not allowed: use {_DICT_HINT}.')
     checked = {}
     for field, values in sweep.items():
         if field not in SWEEPABLE:
-            known = '' if _has_field(config, field) else ' (there is no such config field)'
-            raise ValueError(f'sweep field {field!r} cannot be swept{known}: a sweep varies only the float '
-                             f'hyperparameters of the step, which change no shape and no program: {", ".join(SWEEPABLE)}. '
-                             'Bit-widths, method, batch size, depth and data need runs of their own.')
+            raise ValueError(_unsweepable_message(config, field))
         if isinstance(values, (str, bytes)) or not hasattr(values, '__len__') or not len(values):
             raise ValueError(f'sweep[{field!r}]={values!r} is not allowed: use a non-empty list of numbers.')
-        if any(not isinstance(v, numbers.Real) or isinstance(v, bool) for v in values):
+        if any(isinstance(v, bool) for v in values):
+            raise ValueError(f'sweep[{field!r}]={list(values)!r} is not allowed: every value must be a number '
+                             f'(True and False are not; {field} is a float hyperparameter).')
+        if any(not isinstance(v, numbers.Real) for v in values):
             raise ValueError(f'sweep[{field!r}]={list(values)!r} is not allowed: every value must be a number.')
+        if any(not math.isfinite(v) for v in values):
+            raise ValueError(f'sweep[{field!r}]={list(values)!r} is not allowed: every value must be a finite number '
+                             '(nan, inf and -inf are refused).')
         if len(set(values)) != len(values):
             raise ValueError(f'sweep[{field!r}]={list(values)!r} repeats a value: each sweep point once '
                              '(num_seeds repeats runs).')
         checked[field] = tuple(float(v) for v in values)
     return checked
+
+
+_DICT_HINT = ('a dict of dotted config fields to lists of values, e.g. '
+              '--config.sweep=\'{"loss.channel_attention": [0, 5]}\'')
+
+
+def _parse_json(text: str):
+    """The sweep given as text: its JSON value (a dict, if it is right)."""
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise ValueError(f'sweep={text!r} is not allowed: it is not a dict, and as JSON it does not parse ({e}): '
+                         f'use {_DICT_HINT}.') from None
+
+
+def _unsweepable_message(config, field: str) -> str:
+    """Why `field` cannot be swept, and which fields can."""
+    sweepable = (f'a sweep varies only the float hyperparameters of the step, which change no shape and no '
+                 f'program: {", ".join(SWEEPABLE)}')
+    if not _has_field(config, field):
+        return f'sweep field {field!r} cannot be swept (there is no such config field): {sweepable}.'
+    if isinstance(config_value(config, field), bool):
+        return (f'sweep field {field!r} cannot be swept: it is a boolean field, and True/False switches a part of '
+                f'the program on or off, which one compilation cannot serve; run each value as a run of its own '
+                f'(--config.{field}=True, --config.{field}=False in separate workdirs). {sweepable[0].upper()}'
+                f'{sweepable[1:]}.')
+    return (f'sweep field {field!r} cannot be swept: {sweepable}. Bit-widths, method, batch size, depth and data '
+            'need runs of their own.')
 
 
 def _has_field(config, field: str) -> bool:

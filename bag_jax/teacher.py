@@ -18,9 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from absl import logging
-from tqdm import tqdm
 
-from bag_jax import checkpoint, data, evaluate, metrics, parallel, validation, zoo
+from bag_jax import checkpoint, console, data, evaluate, metrics, parallel, validation, zoo
 from bag_jax.models import ResNetCifar
 
 TEACHER_DIR = 'teacher'
@@ -108,17 +107,20 @@ def train_teacher(config, workdir: str, dataset: data.ArrayDataset | None = None
             result = meta.get('result', {})
             logging.info('teacher: resuming after epoch %d of %d', start, tc.epochs)
         writer.resume('teacher', start)
-        progress = tqdm(total=steps * tc.epochs, initial=steps * start, desc='teacher', unit='step',
-                        disable=None if jax.process_index() == 0 else True)
+        progress = console.Progress(steps * tc.epochs, initial=steps * start, desc='teacher', unit='step',
+                                    images_per_step=tc.batch_size, enabled=jax.process_index() == 0)
+        if start < tc.epochs:
+            logging.info('teacher: compiling the training step (once; a cached program loads in seconds)')
         for epoch in range(start, tc.epochs):
             t0 = time.time()
             totals = []
             for x, y in data.train_batches(dataset, tc.batch_size, seed=config.seed, epoch=epoch):
                 state, m = train_step(state, *parallel.global_batch(mesh, x, y))
                 totals.append(m)
+                progress.live = {'step_loss': m['loss']}
                 progress.update(1)
             train_metrics = {k: float(jnp.mean(jnp.stack([m[k] for m in totals]))) for k in totals[0]}
-            progress.set_postfix(loss=f'{train_metrics["loss"]:.3f}')
+            progress.set_postfix(epoch=epoch + 1, loss=f'{train_metrics["loss"]:.3f}')
             result = evaluate.evaluate(eval_step, {'params': state.params, 'batch_stats': state.batch_stats},
                                        dataset, mesh, config.eval_batch_size)
             writer.write(epoch + 1, {**train_metrics, 'test_top1': result['top1'], 'test_top5': result['top5'],
@@ -129,10 +131,14 @@ def train_teacher(config, workdir: str, dataset: data.ArrayDataset | None = None
     variables = parallel.to_host({'params': state.params, 'batch_stats': state.batch_stats})
     directory = os.path.join(workdir, TEACHER_DIR)
     meta = checkpoint.model_meta(info, model, source=f'trained by bag_jax.teacher, {tc.epochs} epochs',
-                        top1=result.get('top1'), top5=result.get('top5'))
+                                 data_config=config.data, top1=result.get('top1'), top5=result.get('top5'))
     checkpoint.save_teacher(directory, variables, meta)
-    logging.info('teacher: top-1 %.2f %%, top-5 %.2f %%, written to %s', result.get('top1', float('nan')),
-                 result.get('top5', float('nan')), directory)
+    if jax.process_index() == 0:
+        from bag_jax import report
+        print(report.format_teacher({'checkpoint': os.path.abspath(directory), 'arch': meta['arch'],
+                                     'depth': meta.get('depth'), 'epochs': tc.epochs, 'dataset': info.name,
+                                     'images': result.get('images'), 'top1': result.get('top1'),
+                                     'top5': result.get('top5')}), flush=True)
     return directory
 
 

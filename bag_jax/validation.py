@@ -7,6 +7,7 @@ allowed, so a typo costs a second, not a compilation.
 from __future__ import annotations
 
 import difflib
+import math
 import numbers
 from typing import Any
 
@@ -46,7 +47,7 @@ def unknown_field_message(config, field: str) -> str | None:
     if not close:   # a misspelt last part under the right section, or the right name in another one
         last = field.rsplit('.', 1)[-1]
         close = [n for n in names if difflib.get_close_matches(last, [n.rsplit('.', 1)[-1]], cutoff=0.75)][:3]
-    hint = f'did you mean {", ".join(repr(n) for n in close)}?' if close else 'README.md lists the fields under "Config fields".'
+    hint = f'did you mean {", ".join(repr(n) for n in close)}?' if close else 'docs/configs.md lists the fields.'
     return f'unknown config field {field!r}: {hint}'
 
 
@@ -71,13 +72,29 @@ def _int(config, field: str, minimum: int, maximum: int | None = None) -> int:
 
 def _number(config, field: str, minimum: float = 0.0, *, strict: bool = False, maximum: float | None = None) -> float:
     value = _get(config, field)
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and (
-        value > minimum if strict else value >= minimum) and (maximum is None or value <= maximum)
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    finite = real and math.isfinite(value)
+    ok = finite and (value > minimum if strict else value >= minimum) and (maximum is None or value <= maximum)
     if not ok:
         bound = f'greater than {minimum}' if strict else f'at least {minimum}'
         upper = f' and at most {maximum}' if maximum is not None else ''
+        if real and not finite:
+            raise ValueError(f'{field}={value!r} is not allowed: use a finite number {bound}{upper} (nan, inf and '
+                             '-inf are refused).')
         raise ValueError(f'{field}={value!r} is not allowed: use a number {bound}{upper}.')
     return float(value)
+
+
+def check_finite(config) -> None:
+    """Raises ValueError naming the first float field of `config` that is nan, inf or -inf (the
+    sweep's values are checked by `sweep.sweep_of`): such a value would only surface as a NaN
+    after compilation and a first epoch."""
+    for field, value in flat_fields(config.to_dict()).items():
+        if field == 'sweep' or field.startswith('sweep.'):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f'{field}={value!r} is not allowed: use a finite number (nan, inf and -inf are '
+                             'refused).')
 
 
 def _choice(config, field: str, allowed: tuple[str, ...]) -> str:
@@ -101,20 +118,22 @@ def validate_data(config, name_optional: bool = False) -> None:
     npz_path = _optional_str(config, 'data.npz_path')
     _optional_str(config, 'data.tfds_dir')
     imagefolder_dir = _optional_str(config, 'data.imagefolder_dir') if 'imagefolder_dir' in config.data else None
-    if 'image_size' in config.data:
+    # evaluate: unset means the checkpoint's recorded value (checkpoint.data_config_for).
+    if 'image_size' in config.data and not (name_optional and config.data.image_size is None):
         _int(config, 'data.image_size', 1)
-    if name == 'imagefolder' and imagefolder_dir is None:
+    # evaluate (name_optional): the checkpoint may record the path (checkpoint.data_config_for).
+    if name == 'imagefolder' and imagefolder_dir is None and not name_optional:
         raise ValueError("data.name='imagefolder' needs data.imagefolder_dir: a folder with one subfolder of images "
                          'per class (ImageNet: val/n01440764/ILSVRC2012_val_00000293.JPEG, ...).')
     if name in data.STREAMING_SOURCES and config.get('mode') == 'teacher':
         raise ValueError(f'data.name={name!r} holds evaluation images only (no train split), so mode=teacher cannot '
                          'train on it: data-free quantization of an ImageNet model starts from a pretrained teacher '
                          '(teacher.checkpoint, e.g. pytorchcv:resnet18); training an ImageNet teacher is not supported.')
-    if 'digits_test_fraction' in config.data:
+    if 'digits_test_fraction' in config.data and not (name_optional and config.data.digits_test_fraction is None):
         fraction = _number(config, 'data.digits_test_fraction', strict=True, maximum=1.0)
         if fraction >= 1.0:
             raise ValueError(f'data.digits_test_fraction={fraction!r} is not allowed: use a fraction in (0, 1).')
-    if name == 'npz' and npz_path is None:
+    if name == 'npz' and npz_path is None and not name_optional:
         raise ValueError("data.name='npz' needs data.npz_path: the .npz file with x_train, y_train, x_test, y_test.")
 
 
@@ -195,7 +214,8 @@ def validate_quantize(config) -> None:
 
 
 def validate_config(config) -> None:
-    """Checks every field the config's mode uses; raises ValueError on the first bad one."""
+    """Checks every field the config's mode uses, and that no float field of any mode is
+    nan or inf; raises ValueError on the first bad one."""
     mode = _choice(config, 'mode', MODES)
     validate_data(config, name_optional=mode == 'evaluate')
     if mode in ('quantize', 'teacher'):
@@ -207,6 +227,7 @@ def validate_config(config) -> None:
         if _get(config, 'checkpoint') is None:
             raise ValueError('checkpoint is unset: pass --config.checkpoint=DIR, a teacher or student checkpoint.')
         _int(config, 'eval_batch_size', 1)
+    check_finite(config)
 
 
 def check_device_split(config, device_count: int) -> None:

@@ -1,5 +1,6 @@
 """Every shipped config validates; bad values name their field; run.py parses and dispatches."""
 
+import json
 import os
 import subprocess
 import sys
@@ -47,7 +48,7 @@ def test_method_defaults_follow_the_reference_configs():
 
 
 def test_imagenet_configs_follow_the_reference():
-    """spec imagenet.md 5: the W4A4 values of the reference's ImageNet config comments."""
+    """docs/imagenet.md 5: the W4A4 values of the reference's ImageNet config comments."""
     expected = {imagenet_resnet18_w4a4: ('pytorchcv:resnet18', 1e-5, (350, 400), 0.2, 0.3),
                 imagenet_mobilenetv2_w4a4: ('pytorchcv:mobilenetv2_w1', 1e-5, (350, 400), 0.3, 0.1),
                 imagenet_resnet50_w4a4: ('pytorchcv:resnet50', 1e-4, (200, 300, 400), 0.1, 0.3)}
@@ -124,6 +125,58 @@ def test_bad_values_name_the_field(field, value, message):
         validation.validate_config(c)
 
 
+NON_FINITE = [
+    ('student.lr', float('inf'), r'student\.lr=inf is not allowed: use a finite number greater than 0'),
+    ('student.lr', float('nan'), r'student\.lr=nan is not allowed: use a finite number greater than 0'),
+    ('loss.kd', float('inf'), r'loss\.kd=inf is not allowed: use a finite number at least 0'),
+    ('loss.temperature', float('inf'), r'loss\.temperature=inf is not allowed: use a finite number greater than 0'),
+    ('student.weight_decay', float('inf'), r'student\.weight_decay=inf is not allowed: use a finite number at least 0'),
+    ('teacher.lr', -float('inf'), r'teacher\.lr=-inf is not allowed: use a finite number greater than 0'),
+    ('teacher.weight_decay', float('inf'), r'teacher\.weight_decay=inf is not allowed: use a finite number'),
+    ('loss.channel_attention', float('inf'), r'loss\.channel_attention=inf is not allowed: use a finite number'),
+]
+
+
+@pytest.mark.parametrize('field,value,message', NON_FINITE)
+def test_non_finite_numbers_are_refused_naming_field_value_and_what_is_allowed(field, value, message):
+    c = cifar100_w3a3.get_config()
+    node = c
+    *path, last = field.split('.')
+    for part in path:
+        node = node[part]
+    node[last] = value
+    with pytest.raises(ValueError, match=message + r'.*\(nan, inf and -inf are refused\)'):
+        validation.validate_config(c)
+
+
+def test_non_finite_numbers_are_refused_in_every_mode():
+    """A field the mode does not use is refused too (a teacher run with student.lr=inf)."""
+    c = cifar100_teacher.get_config()
+    c.student.lr = float('inf')
+    with pytest.raises(ValueError, match=r'student\.lr=inf is not allowed: use a finite number \(nan, inf and -inf '
+                                         r'are refused\)'):
+        validation.validate_config(c)
+    c = evaluate_config.get_config()
+    c.checkpoint = '/some/dir'
+    c.data.digits_test_fraction = float('nan')
+    with pytest.raises(ValueError, match=r'data\.digits_test_fraction=nan is not allowed: use a finite number'):
+        validation.validate_config(c)
+
+
+def test_evaluate_leaves_unset_data_fields_to_the_checkpoint():
+    """configs/evaluate.py: the data fields default to unset (the checkpoint's record); a source
+    without its path passes validation, since the checkpoint may record it."""
+    c = evaluate_config.get_config()
+    c.checkpoint = '/some/dir'
+    assert (c.data.name, c.data.npz_path, c.data.digits_test_fraction, c.data.image_size) == (None, None, None, None)
+    validation.validate_config(c)
+    c.data.name = 'npz'
+    validation.validate_config(c)
+    c.data.image_size = 0
+    with pytest.raises(ValueError, match='data.image_size=0 is not allowed'):
+        validation.validate_config(c)
+
+
 def test_npz_needs_a_path():
     c = digits_w3a3.get_config()
     c.data.name = 'npz'
@@ -165,6 +218,18 @@ def test_cli_overrides_reach_validation(tmp_path):
     assert result.returncode != 0 and '--workdir' in result.stderr
 
 
+def test_cli_refuses_inf_before_compiling(tmp_path):
+    """`--config.student.lr=inf` used to be accepted and to fail at a NaN a minute later."""
+    for flag, message in (('--config.student.lr=inf', 'run.py: error: student.lr=inf is not allowed: use a finite '
+                                                      'number greater than 0'),
+                          ('--config.loss.kd=-inf', 'run.py: error: loss.kd=-inf is not allowed: use a finite number'),
+                          ('--config.generator.lr=nan', 'run.py: error: generator.lr=nan is not allowed')):
+        result = run_cli('--config=tests/tiny_config.py', flag, f'--workdir={tmp_path}')
+        assert result.returncode == 1 and result.stderr.startswith(message), (flag, result.stderr[-2000:])
+        assert result.stderr.count('\n') == 1
+    assert not os.path.exists(tmp_path / 'config.json')
+
+
 def test_cli_cifar_without_data_says_what_to_do(tmp_path):
     result = run_cli('--config=configs/cifar100_w3a3.py', f'--config.data.tfds_dir={tmp_path / "tfds"}',
                      f'--workdir={tmp_path / "w"}')
@@ -179,3 +244,6 @@ def test_cli_end_to_end_on_digits(digits_teacher, tmp_path):
                      f'--workdir={tmp_path}')
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / 'summary.json').exists() and (tmp_path / 'student' / 'student.json').exists()
+    # The student records the data it was quantized with (evaluate and export use them).
+    with open(tmp_path / 'student' / 'student.json') as f:
+        assert json.load(f)['data_source'] == {'name': 'digits', 'digits_test_fraction': 0.25}

@@ -6,6 +6,7 @@ prepared from the binary format into a temporary tfds directory.
 
 import json
 import os
+import re
 import socket
 import time
 from unittest import mock
@@ -299,6 +300,25 @@ def test_npz_bad_files(tmp_path):
         np.save(f, np.zeros(3))
     with pytest.raises(ValueError, match=r'not a readable \.npz file \(it holds a single array'):
         load(data_config('npz', npz_path=str(single)))
+
+
+def test_npz_path_that_is_not_an_npz_says_so_and_what_it_must_hold(tmp_path):
+    """A text file, a pickle or an empty file given as data.npz_path: np.load would answer with
+    its allow_pickle message; the message says the file is not an .npz and what it must hold."""
+    load = lambda path: data.load_dataset(data_config('npz', npz_path=str(path)), process_index=0, process_count=1)
+    (tmp_path / 'labels.csv').write_text('x,y\n1,2\n')
+    import pickle
+    (tmp_path / 'd.pkl').write_bytes(pickle.dumps({'x_train': [1]}))
+    (tmp_path / 'empty.npz').write_bytes(b'')
+    for name, what in (('labels.csv', r"it is not a zip archive, as np.savez writes \(it begins with b'x,y"),
+                       ('d.pkl', 'it is not a zip archive'), ('empty.npz', 'it is empty')):
+        path = tmp_path / name
+        with pytest.raises(ValueError) as e:
+            load(path)
+        message = str(e.value)
+        assert message.startswith(f'data.npz_path={str(path)!r} is not an .npz file (numpy.savez): '), message
+        assert re.search(what, message), message
+        assert 'It must hold the arrays x_train, y_train, x_test, y_test' in message and 'pickle' not in message
 
 
 def test_unknown_source():

@@ -140,3 +140,71 @@ def test_export_refuses_bad_input_and_leaves_nothing_half_written(digits_teacher
     # The command line: one line, exit status 1.
     assert export.main(['--checkpoint', digits_teacher, '--out', out]) == 1
     assert capsys.readouterr().err.count('\n') == 1
+
+
+def write_digits_npz(path, dataset, invert_train=False):
+    """The digits as a data.npz_path file; `invert_train`: the training images 255 - x, so that
+    the file's normalization statistics differ from the digits' (the test images are the same)."""
+    x_train = 255 - dataset.x_train if invert_train else dataset.x_train
+    np.savez(path, x_train=x_train, y_train=dataset.y_train, x_test=dataset.x_test, y_test=dataset.y_test)
+    return str(path)
+
+
+def test_export_and_evaluate_find_the_npz_a_student_was_quantized_on(digits_teacher, tmp_path, capsys):
+    """A student quantized with data.name=npz records its npz_path (student.json), and export
+    and evaluate score on it with no data flag (export used to stop: data.name=npz needs
+    data.npz_path); a flag overrides it."""
+    from bag_jax import experiment
+    from configs import evaluate as evaluate_config
+    model, variables, meta, dataset = ptq_student(digits_teacher, 3, 8)
+    npz = write_digits_npz(tmp_path / 'digits.npz', dataset)
+    config = tiny_config()
+    config.data.name, config.data.npz_path = 'npz', os.path.relpath(npz)
+    info = data.DatasetInfo.from_dict(meta['data'])
+    student_meta = checkpoint.model_meta(info, model, 'ptq', data_config=config.data, quant=meta['quant'])
+    assert student_meta['data_source'] == {'name': 'npz', 'npz_path': npz}    # made absolute
+    student_dir = str(tmp_path / 'student')
+    checkpoint.save_model(student_dir, variables, student_meta, 'student')
+
+    out = tmp_path / 'export'
+    assert export.main(['--checkpoint', student_dir, '--out', str(out)]) == 0, capsys.readouterr().err
+    agreement = json.loads((out / 'export.json').read_text())['agreement']
+    assert (agreement['dataset'], agreement['images']) == ('npz', 450)
+    assert agreement['prediction_agreement'] >= export.AGREEMENT_BAR
+
+    c = evaluate_config.get_config()
+    c.checkpoint = student_dir
+    capsys.readouterr()
+    summary = experiment.run(c, str(tmp_path / 'eval'))
+    assert (summary['dataset'], summary['images'], summary['data']['npz_path']) == ('npz', 450, npz)
+    assert (summary['w_bits'], summary['a_bits']) == (3, 8)
+    printed = capsys.readouterr().out
+    assert '| checkpoint | model | bits | dataset | images | top-1 % | top-5 % |' in printed
+    assert f'| {os.path.abspath(student_dir)} | student resnet_cifar depth 8 | W3A8 | npz | 450 | ' in printed
+
+    # The recorded file moved: the message says where the path came from and which flag overrides it.
+    moved = str(tmp_path / 'moved.npz')
+    os.rename(npz, moved)
+    with pytest.raises(FileNotFoundError, match=r"no such file.*npz_path='.*digits.npz' is what the student "
+                                                 r"checkpoint .* records as its data; pass --npz_path=\.\.\."):
+        export.export(student_dir, str(tmp_path / 'export2'))
+    assert export.main(['--checkpoint', student_dir, '--out', str(tmp_path / 'export2'), '--npz_path', moved]) == 0
+    c.data.npz_path = moved
+    assert experiment.run(c, str(tmp_path / 'eval2'))['images'] == 450
+
+
+def test_export_normalizes_both_models_with_the_students_statistics(digits_teacher, tmp_path):
+    """--npz_path with other normalization statistics than the student's (its training images
+    inverted, the same test images): the fake-quantized student used to normalize with the file's
+    statistics while the integer model used the checkpoint's, and the two disagreed. Also a
+    student that records no data (saved before it was recorded): the flag gives it."""
+    model, variables, meta, dataset = ptq_student(digits_teacher, 8, 8)
+    student_dir = str(tmp_path / 'student')
+    checkpoint.save_model(student_dir, variables, {k: v for k, v in meta.items() if k not in ('kind', 'data_source')},
+                          'student')
+    npz = write_digits_npz(tmp_path / 'inverted.npz', dataset, invert_train=True)
+    report = export.export(student_dir, str(tmp_path / 'export'), {'name': 'npz', 'npz_path': npz})
+    agreement = report['agreement']
+    assert agreement['dataset'] == 'npz' and agreement['prediction_agreement'] >= export.AGREEMENT_BAR
+    fake = np.asarray(model.apply(variables, data.normalize(dataset.x_test, dataset.info)))
+    assert agreement['student_top1'] == pytest.approx(100 * np.mean(fake.argmax(1) == dataset.y_test))

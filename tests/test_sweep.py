@@ -113,7 +113,7 @@ def test_two_runs_on_two_rows_match_each_run_alone_on_two_devices(digits_teacher
             mine = {name: v[i:i + 1] for name, v in together.items()
                     if not (name.endswith('/channel_attention') and runs[k].overrides[0][1] == 0)}
             trajectories.assert_one_step_close(mine, {name: alone[k][name] for name in mine}, c.batch_size,
-                                               f'{loop}, {runs[k].name}: ')
+                                               f'{loop}, {runs[k].name}: ', a_bits=c.quant.a_bits)
     gradient = next(v for name, v in together.items() if name.startswith('finetune/student_gradient/'))
     assert not np.allclose(gradient[1], gradient[2]), 'the runs trained alike'
 
@@ -217,3 +217,43 @@ def test_the_command_line_takes_a_sweep_as_json(tmp_path):
                          capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'))
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1].startswith("run.py: error: sweep field 'quant.w_bits' cannot be swept")
+
+
+@pytest.mark.parametrize('sweep_value, message', [
+    ({'student.lr': (1e-4, float('inf'))}, r"sweep\['student.lr'\]=\[0.0001, inf\] is not allowed: every value must "
+                                           r"be a finite number \(nan, inf and -inf are refused\)"),
+    ({'loss.kd': (float('nan'),)}, r"sweep\['loss.kd'\]=\[nan\] is not allowed: every value must be a finite number"),
+    ({'generator.lr': (-float('inf'), 1e-3)}, r"sweep\['generator.lr'\]=\[-inf, 0.001\] is not allowed"),
+    # The command line leaves JSON it cannot read as a Python literal a string: it is read as JSON.
+    ('{"student.lr": [0.1, NaN]}', r"sweep\['student.lr'\]=\[0.1, nan\] is not allowed: every value must be a "
+                                   r"finite number"),
+    ('{"student.lr": [0.1, Infinity]}', r"sweep\['student.lr'\]=\[0.1, inf\]"),
+    ('{"generator.quantize": [true, false]}',
+     r"sweep field 'generator.quantize' cannot be swept: it is a boolean field, and True/False switches a part of "
+     r"the program on or off.*--config.generator.quantize=True, --config.generator.quantize=False.*A sweep varies "
+     r"only the float hyperparameters of the step.*: loss.bns, .*student.lr, .*lr_decay"),
+    ({'student.nesterov': (True, False)}, r"sweep field 'student.nesterov' cannot be swept: it is a boolean field"),
+    ('{"student.lr": [true, false]}', r"sweep\['student.lr'\]=\[True, False\] is not allowed: every value must be a "
+                                      r"number \(True and False are not"),
+    ('{"student.lr": [0.1, 1e-3}', r"sweep='.*' is not allowed: it is not a dict, and as JSON it does not parse "
+                                   r"\(.*\): use a dict of dotted config fields"),
+])
+def test_sweep_values_must_be_finite_and_boolean_fields_are_told_why(sweep_value, message):
+    c = tiny_config('bag')
+    c.sweep = sweep_value
+    with pytest.raises(ValueError, match=message):
+        validation.validate_config(c)
+    with pytest.raises(ValueError, match=message):
+        sweep.sweep_of(c)
+
+
+def test_the_command_line_tells_a_boolean_sweep_why(tmp_path):
+    """`--config.sweep={"generator.quantize": [true, false]}` was told to use a dict of dotted
+    config fields, which it is: the message says that boolean fields cannot be swept."""
+    out = subprocess.run([sys.executable, 'run.py', '--config=tests/tiny_config.py', f'--workdir={tmp_path / "w"}',
+                          '--config.sweep={"generator.quantize": [true, false]}'], cwd=ROOT,
+                         capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=300)
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("run.py: error: sweep field 'generator.quantize' cannot be swept: it is a boolean field"), last
+    assert not os.path.exists(tmp_path / 'w' / 'config.json')

@@ -95,3 +95,71 @@ def test_bad_teacher_settings_fail_before_compiling(tmp_path, monkeypatch):
     c.eval_batch_size = 8
     with pytest.raises(FileNotFoundError, match='is not a teacher or student checkpoint'):
         experiment.run(c, str(tmp_path))
+
+
+def test_teacher_training_prints_its_final_accuracy_and_records_its_data(tmp_path, capsys):
+    c = tiny_config()
+    c.teacher.epochs = 1
+    directory = teacher.train_teacher(c, str(tmp_path))
+    _, _, meta = checkpoint.load_teacher(directory)
+    printed = capsys.readouterr().out
+    assert f'teacher trained for 1 epoch(s), final test accuracy; saved to {os.path.abspath(directory)}' in printed
+    assert '| checkpoint | model | dataset | images | top-1 % | top-5 % |' in printed
+    assert (f'| {os.path.abspath(directory)} | teacher resnet_cifar depth 8 | digits | 450 | {meta["top1"]:.2f} | '
+            f'{meta["top5"]:.2f} |') in printed
+    assert meta['data_source'] == {'name': 'digits', 'digits_test_fraction': 0.25}
+
+
+def test_evaluate_prints_a_table(digits_teacher, tmp_path, capsys):
+    c = evaluate_config.get_config()
+    c.checkpoint = digits_teacher
+    capsys.readouterr()
+    summary = experiment.run(c, str(tmp_path))
+    printed = capsys.readouterr().out
+    assert f'evaluated teacher {os.path.abspath(digits_teacher)}' in printed
+    assert '| checkpoint | model | dataset | images | top-1 % | top-5 % |' in printed
+    assert (f'| {os.path.abspath(digits_teacher)} | teacher resnet_cifar depth 8 | digits | 450 | '
+            f'{summary["top1"]:.2f} | {summary["top5"]:.2f} |') in printed
+
+
+def copy_teacher(source, directory, **meta_changes):
+    """The teacher in `source` saved again to `directory`, its metadata changed (a key set to
+    None is removed)."""
+    _, variables, meta = checkpoint.load_teacher(source)
+    meta = {k: v for k, v in {**meta, **meta_changes}.items() if v is not None and k != 'kind'}
+    checkpoint.save_teacher(str(directory), variables, meta)
+    return str(directory)
+
+
+def test_evaluate_uses_the_recorded_data_and_its_fields_override(digits_teacher, tmp_path):
+    """A checkpoint made on a digits split with 50 % held out is scored on that split (899
+    images), unless data.digits_test_fraction says otherwise; one that records no data (saved
+    before it was recorded) is scored as before, on its dataset with the default split."""
+    half = copy_teacher(digits_teacher, tmp_path / 'half',
+                        data_source={'name': 'digits', 'digits_test_fraction': 0.5})
+    c = evaluate_config.get_config()
+    c.checkpoint = half
+    summary = experiment.run(c, str(tmp_path / 'e1'))
+    assert summary['images'] == 899 and summary['data']['digits_test_fraction'] == 0.5
+    c.data.digits_test_fraction = 0.25
+    assert experiment.run(c, str(tmp_path / 'e2'))['images'] == 450
+    legacy = copy_teacher(digits_teacher, tmp_path / 'legacy', data_source=None)
+    with open(os.path.join(legacy, checkpoint.TEACHER_META)) as f:
+        assert 'data_source' not in json.load(f)
+    c = evaluate_config.get_config()
+    c.checkpoint = legacy
+    summary = experiment.run(c, str(tmp_path / 'e3'))
+    assert (summary['dataset'], summary['images']) == ('digits', 450)
+
+
+def test_evaluate_refuses_an_empty_test_split(digits_teacher):
+    """An empty test split used to score 0 % (n = max(n, 1))."""
+    from bag_jax import parallel
+    model, variables, meta = checkpoint.load_teacher(digits_teacher)
+    ds = data.load_dataset(tiny_config().data)
+    empty = data.ArrayDataset(info=ds.info, x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test[:0],
+                              y_test=ds.y_test[:0], num_test_total=0)
+    mesh = parallel.make_mesh()
+    step = evaluate.make_eval_step(lambda v, x: model.apply(v, x), ds.info, mesh)
+    with pytest.raises(ValueError, match=r"the test split of 'digits' is empty \(0 of 0 images scored\)"):
+        evaluate.evaluate(step, parallel.replicate(variables, mesh), empty, mesh, 8)
