@@ -19,6 +19,7 @@ import logging as std_logging
 import os
 import re
 import sys
+import threading
 import time
 from typing import Any
 
@@ -38,8 +39,8 @@ _PROJECT_FILES = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.absp
 _ORBAX = os.sep + 'orbax' + os.sep
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 # tensorstore (orbax's array writer) reports an OS error inside its message.
-_TENSORSTORE_WRITE = re.compile(r'Failed (?:writing|to write)[^"]*"(?P<path>[^"]+)".*?\[os_error_code=\'(?P<code>\d+)\'\]',
-                                re.S)
+_TENSORSTORE_WRITE = re.compile(
+    r'Failed (?:writing|to write)[^"]*"(?P<path>[^"]+)".*?\[os_error_code=\'(?P<code>\d+)\'\]', re.S)
 
 
 def _is_project_record(record: std_logging.LogRecord) -> bool:
@@ -211,6 +212,8 @@ class Progress:
 
     On a terminal, tqdm's bar. Elsewhere one line per `every_s` seconds (and one at the end):
         teacher: step 120/1000 (12%), 853 images/s, ETA 0:01:43, loss=0.412
+    also between steps (a background thread prints it), and while no step finishes for that long
+    (a program compiling, an evaluation) with how long the current step has taken so far.
     `images_per_step` turns the rate into images per second. `postfix` (set_postfix) holds the
     latest epoch's values; `live` may hold the latest step's arrays, read (and so waited for) only
     when a line is printed.
@@ -227,9 +230,25 @@ class Progress:
         self._last_line = self._start
         terminal = self.stream.isatty() if terminal is None else terminal
         self._bar = None
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._last_step = self._start
         if enabled and terminal:
             from tqdm import tqdm
             self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=self.stream)
+        elif enabled:
+            threading.Thread(target=self._heartbeat, name='progress', daemon=True).start()
+
+    def _heartbeat(self) -> None:
+        while not self._stopped.wait(self.every_s / 4):
+            now = time.monotonic()
+            with self._lock:
+                if self.enabled and now - self._last_line >= self.every_s:
+                    stalled = now - self._last_step >= self.every_s
+                    try:
+                        self._line(now, from_thread=True, waiting=now - self._last_step if stalled else None)
+                    except (OSError, ValueError):     # the stream is gone (closed by its owner)
+                        return
 
     def update(self, n: int = 1) -> None:
         self.done += n
@@ -237,15 +256,17 @@ class Progress:
             self._bar.update(n)
         elif self.enabled:
             now = time.monotonic()
-            if now - self._last_line >= self.every_s:
-                self._line(now)
+            with self._lock:
+                self._last_step = now
+                if now - self._last_line >= self.every_s:
+                    self._line(now)
 
     def set_postfix(self, **values: Any) -> None:
         self.postfix = values
         if self._bar is not None:
             self._bar.set_postfix(**values)
 
-    def _line(self, now: float) -> None:
+    def _line(self, now: float, from_thread: bool = False, waiting: float | None = None) -> None:
         self._last_line = now
         elapsed, steps = now - self._start, self.done - self._start_done
         parts = [f'{self.desc}: {self.unit} {self.done}/{self.total} ({100.0 * self.done / max(self.total, 1):.0f}%)']
@@ -257,16 +278,21 @@ class Progress:
                 parts.append(f'{rate:.3g} {self.unit}/s')
             parts.append(f'ETA {_clock((self.total - self.done) / rate)}')
         parts += [f'{k}={v}' for k, v in self.postfix.items()]
-        parts += [f'{k}={float(v):.4g}' for k, v in self.live.items() if k not in self.postfix]
+        if not from_thread:       # the heartbeat does not wait for the device's arrays
+            parts += [f'{k}={float(v):.4g}' for k, v in self.live.items() if k not in self.postfix]
+        if waiting is not None:
+            parts.append(f'this {self.unit} running for {_clock(waiting)} (compiling, evaluating or saving)')
         print(', '.join(parts), file=self.stream, flush=True)
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-        elif self.enabled and self.done > self._start_done:
-            self._line(time.monotonic())
-        self.enabled = False
+        self._stopped.set()
+        with self._lock:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+            elif self.enabled and self.done > self._start_done:
+                self._line(time.monotonic())
+            self.enabled = False
 
     def __enter__(self):
         return self

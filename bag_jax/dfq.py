@@ -579,52 +579,51 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
             logging.info('quantization: resuming after epoch %d of %d', start, config.epochs)
         writer.resume(config.method, start)
         iters = config.iters_per_epoch
-        progress = console.Progress(config.epochs * iters, initial=start * iters, desc=config.method,
-                                    unit='iteration', images_per_step=config.batch_size * K,
-                                    enabled=jax.process_index() == 0)
-        compiled_phases = set()
-        for epoch in range(start, config.epochs):
-            t0 = time.time()
-            phase = phase_of(setup, epoch)
-            if phase not in compiled_phases:
-                compiled_phases.add(phase)
-                logging.info('epoch %d: compiling the %s program (once per run; XLA on CPU may take minutes, a '
-                             'cached program loads in seconds)', epoch + 1, phase.name)
-            state, epoch_metrics = train_epoch(state, teacher_variables, jnp.int32(epoch), progress.update)
-            epoch_metrics = {k: np.atleast_1d(np.asarray(v)) for k, v in parallel.to_host(epoch_metrics).items()}
-            live = _check_finite(epoch_metrics, history['diverged'], runs, epoch, ckpts.latest_epoch(),
-                                 os.path.join(workdir, DFQ_STATE_DIR))
-            result = evaluate.evaluate(eval_step, student_variables(state, teacher_variables), dataset, mesh,
-                                       config.eval_batch_size)
-            top1, top5 = np.atleast_1d(result['top1']).tolist(), np.atleast_1d(result['top5']).tolist()
-            history['top1'].append(top1)
-            history['top5'].append(top5)
-            if epoch == config.warmup_epochs - 1:
-                ptq_top1 = top1     # calibrated, not yet fine-tuned
-            wall_s += time.time() - t0
-            scalars = {k: float(v[live].mean()) for k, v in epoch_metrics.items()}    # of the runs still finite
-            # The student does not step during warm-up: its rate is 0 there.
-            lr_student = learning_rate(config.student.lr, jnp.int32(epoch), setup.lr_milestones, config.lr_decay)
-            scalars.update(top1=float(np.mean(np.asarray(top1)[live])), top5=float(np.mean(np.asarray(top5)[live])),
-                           lr_student=float(lr_student) if epoch >= config.warmup_epochs else 0.0,
-                           epoch_s=time.time() - t0)
-            if K > 1:     # each run's accuracies, under its name
-                scalars.update({f'{name}/{run.name}': value[k] for name, value in (('top1', top1), ('top5', top5))
-                                for k, run in enumerate(runs)})
-            if epoch % config.log_every == 0 or epoch == config.epochs - 1:
-                writer.write(epoch + 1, scalars, phase=config.method)
-            progress.set_postfix(epoch=epoch + 1, loss_g=f'{scalars["loss_g"]:.3f}', loss_s=f'{scalars["loss_s"]:.3f}',
-                                 top1=f'{scalars["top1"]:.2f}')
-            if config.image_grid_every and (epoch % config.image_grid_every == 0 or epoch == config.epochs - 1):
-                # The generator's parameters live on every process's devices: all run it, process 0 writes.
-                grid = image_grid(state)
-                if jax.process_index() == 0:     # images/epoch_NNNN.png and TensorBoard, rows labelled
-                    labels = metrics.row_labels(info.num_classes, metrics.class_names(info))
-                    writer.write_image(epoch + 1, metrics.readable_grid(grid, info.image_shape[:2], labels),
-                                       phase=config.method)
-            ckpts.save(epoch + 1, state, {'epoch': epoch + 1, 'history': history, 'ptq_top1': ptq_top1,
-                                          'wall_s': wall_s})
-        progress.close()
+        with console.Progress(config.epochs * iters, initial=start * iters, desc=config.method,
+                              unit='iteration', images_per_step=config.batch_size * K,
+                              enabled=jax.process_index() == 0) as progress:
+            compiled_phases = set()
+            for epoch in range(start, config.epochs):
+                t0 = time.time()
+                phase = phase_of(setup, epoch)
+                if phase not in compiled_phases:
+                    compiled_phases.add(phase)
+                    logging.info('epoch %d: compiling the %s program (once per run; XLA on CPU may take minutes, a '
+                                 'cached program loads in seconds)', epoch + 1, phase.name)
+                state, epoch_metrics = train_epoch(state, teacher_variables, jnp.int32(epoch), progress.update)
+                epoch_metrics = {k: np.atleast_1d(np.asarray(v)) for k, v in parallel.to_host(epoch_metrics).items()}
+                live = _check_finite(epoch_metrics, history['diverged'], runs, epoch, ckpts.latest_epoch(),
+                                     os.path.join(workdir, DFQ_STATE_DIR))
+                result = evaluate.evaluate(eval_step, student_variables(state, teacher_variables), dataset, mesh,
+                                           config.eval_batch_size)
+                top1, top5 = np.atleast_1d(result['top1']).tolist(), np.atleast_1d(result['top5']).tolist()
+                history['top1'].append(top1)
+                history['top5'].append(top5)
+                if epoch == config.warmup_epochs - 1:
+                    ptq_top1 = top1     # calibrated, not yet fine-tuned
+                wall_s += time.time() - t0
+                scalars = {k: float(v[live].mean()) for k, v in epoch_metrics.items()}    # of the runs still finite
+                # The student does not step during warm-up: its rate is 0 there.
+                lr_student = learning_rate(config.student.lr, jnp.int32(epoch), setup.lr_milestones, config.lr_decay)
+                scalars.update(top1=float(np.mean(np.asarray(top1)[live])), top5=float(np.mean(np.asarray(top5)[live])),
+                               lr_student=float(lr_student) if epoch >= config.warmup_epochs else 0.0,
+                               epoch_s=time.time() - t0)
+                if K > 1:     # each run's accuracies, under its name
+                    scalars.update({f'{name}/{run.name}': value[k] for name, value in (('top1', top1), ('top5', top5))
+                                    for k, run in enumerate(runs)})
+                if epoch % config.log_every == 0 or epoch == config.epochs - 1:
+                    writer.write(epoch + 1, scalars, phase=config.method)
+                progress.set_postfix(epoch=epoch + 1, loss_g=f'{scalars["loss_g"]:.3f}',
+                                     loss_s=f'{scalars["loss_s"]:.3f}', top1=f'{scalars["top1"]:.2f}')
+                if config.image_grid_every and (epoch % config.image_grid_every == 0 or epoch == config.epochs - 1):
+                    # The generator's parameters live on every process's devices: all run it, process 0 writes.
+                    grid = image_grid(state)
+                    if jax.process_index() == 0:     # images/epoch_NNNN.png and TensorBoard, rows labelled
+                        labels = metrics.row_labels(info.num_classes, metrics.class_names(info))
+                        writer.write_image(epoch + 1, metrics.readable_grid(grid, info.image_shape[:2], labels),
+                                           phase=config.method)
+                ckpts.save(epoch + 1, state, {'epoch': epoch + 1, 'history': history, 'ptq_top1': ptq_top1,
+                                              'wall_s': wall_s})
 
     host_state = parallel.to_host(state)
     for k, run in enumerate(runs):

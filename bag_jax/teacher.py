@@ -107,26 +107,25 @@ def train_teacher(config, workdir: str, dataset: data.ArrayDataset | None = None
             result = meta.get('result', {})
             logging.info('teacher: resuming after epoch %d of %d', start, tc.epochs)
         writer.resume('teacher', start)
-        progress = console.Progress(steps * tc.epochs, initial=steps * start, desc='teacher', unit='step',
-                                    images_per_step=tc.batch_size, enabled=jax.process_index() == 0)
-        if start < tc.epochs:
-            logging.info('teacher: compiling the training step (once; a cached program loads in seconds)')
-        for epoch in range(start, tc.epochs):
-            t0 = time.time()
-            totals = []
-            for x, y in data.train_batches(dataset, tc.batch_size, seed=config.seed, epoch=epoch):
-                state, m = train_step(state, *parallel.global_batch(mesh, x, y))
-                totals.append(m)
-                progress.live = {'step_loss': m['loss']}
-                progress.update(1)
-            train_metrics = {k: float(jnp.mean(jnp.stack([m[k] for m in totals]))) for k in totals[0]}
-            progress.set_postfix(epoch=epoch + 1, loss=f'{train_metrics["loss"]:.3f}')
-            result = evaluate.evaluate(eval_step, {'params': state.params, 'batch_stats': state.batch_stats},
-                                       dataset, mesh, config.eval_batch_size)
-            writer.write(epoch + 1, {**train_metrics, 'test_top1': result['top1'], 'test_top5': result['top5'],
-                                     'epoch_s': time.time() - t0}, phase='teacher')
-            ckpts.save(epoch + 1, state, {'epoch': epoch + 1, 'result': result})
-        progress.close()
+        with console.Progress(steps * tc.epochs, initial=steps * start, desc='teacher', unit='step',
+                              images_per_step=tc.batch_size, enabled=jax.process_index() == 0) as progress:
+            if start < tc.epochs:
+                logging.info('teacher: compiling the training step (once; a cached program loads in seconds)')
+            for epoch in range(start, tc.epochs):
+                t0 = time.time()
+                totals = []
+                for x, y in data.train_batches(dataset, tc.batch_size, seed=config.seed, epoch=epoch):
+                    state, m = train_step(state, *parallel.global_batch(mesh, x, y))
+                    totals.append(m)
+                    progress.live = {'step_loss': m['loss']}
+                    progress.update(1)
+                train_metrics = {k: float(jnp.mean(jnp.stack([m[k] for m in totals]))) for k in totals[0]}
+                progress.set_postfix(epoch=epoch + 1, loss=f'{train_metrics["loss"]:.3f}')
+                result = evaluate.evaluate(eval_step, {'params': state.params, 'batch_stats': state.batch_stats},
+                                           dataset, mesh, config.eval_batch_size)
+                writer.write(epoch + 1, {**train_metrics, 'test_top1': result['top1'], 'test_top5': result['top5'],
+                                         'epoch_s': time.time() - t0}, phase='teacher')
+                ckpts.save(epoch + 1, state, {'epoch': epoch + 1, 'result': result})
 
     variables = parallel.to_host({'params': state.params, 'batch_stats': state.batch_stats})
     directory = os.path.join(workdir, TEACHER_DIR)

@@ -4,6 +4,7 @@ import errno
 import io
 import logging as std_logging
 import os
+import time
 
 import pytest
 from absl import logging
@@ -122,3 +123,14 @@ def test_follow_on_tracebacks_of_background_writers_are_dropped_and_others_kept(
     stderr.write(bug)
     stderr.write('run.py: error: cannot write /w/x: File too large.\n')
     assert out.getvalue() == '\rbag: 3/4\n' + bug + 'run.py: error: cannot write /w/x: File too large.\n'
+
+
+def test_progress_off_a_terminal_speaks_while_no_step_finishes():
+    out = io.StringIO()
+    progress = console.Progress(10, desc='bag', unit='iteration', stream=out, terminal=False, every_s=0.2)
+    deadline = time.monotonic() + 5
+    while 'running for' not in out.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.05)          # a first call compiling: no update
+    progress.close()
+    first = out.getvalue().splitlines()[0]
+    assert first.startswith('bag: iteration 0/10 (0%)') and 'running for 0:00:00 (compiling' in first, first
