@@ -5,8 +5,7 @@ Everything happens in the library (`bag_jax.experiment.run`); this module only p
 reports errors. `--config.x.y=v` overrides any config field; the config's `mode` picks what runs
 ('quantize', 'teacher' or 'evaluate'). A multi-process run (several hosts, or one process per
 GPU) starts the same command in every process, with the flags below or their environment
-variables; without them the run is one process (README.md, "Several processes: TPU pod slices,
-several GPUs, several hosts").
+variables; without them the run is one process (docs/multi-host.md).
 
 A mistake of the user's (a bad config value, a missing checkpoint or dataset, a workdir in use)
 is printed as one line, `run.py: error: ...` (`bag-jax run: error: ...`), exit status 1;
