@@ -112,15 +112,20 @@ BAD_VALUES = [
 ]
 
 
-@pytest.mark.parametrize('field,value,message', BAD_VALUES)
-def test_bad_values_name_the_field(field, value, message):
-    c = cifar100_w3a3.get_config()
+def with_field(c, field: str, value):
+    """`c` with the dotted `field` set to `value` (any value: validation is what is tested)."""
     node = c
     *path, last = field.split('.')
     for part in path:
         node = node[part]
     with c.unlocked():
         node[last] = value
+    return c
+
+
+@pytest.mark.parametrize('field,value,message', BAD_VALUES)
+def test_bad_values_name_the_field(field, value, message):
+    c = with_field(cifar100_w3a3.get_config(), field, value)
     with pytest.raises(ValueError, match=message):
         validation.validate_config(c)
 
@@ -139,12 +144,7 @@ NON_FINITE = [
 
 @pytest.mark.parametrize('field,value,message', NON_FINITE)
 def test_non_finite_numbers_are_refused_naming_field_value_and_what_is_allowed(field, value, message):
-    c = cifar100_w3a3.get_config()
-    node = c
-    *path, last = field.split('.')
-    for part in path:
-        node = node[part]
-    node[last] = value
+    c = with_field(cifar100_w3a3.get_config(), field, value)
     with pytest.raises(ValueError, match=message + r'.*\(nan, inf and -inf are refused\)'):
         validation.validate_config(c)
 
