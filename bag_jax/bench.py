@@ -2,7 +2,7 @@
 
     python -m bag_jax.bench --config=configs/cifar100_w3a3.py [--config.batch_size=16] --steps=N
 
-It builds the epoch function of `--steps` iterations that training runs (`dfq.make_train_epoch`),
+It builds the epoch function of `--steps` iterations that training runs (`layouts.make_train_epoch`),
 runs a calibration epoch and a fine-tuning epoch untimed (each compiles its phase's program;
 compile_s = those two calls less two timed ones), then `--repeats` fine-tuning epochs, and prints
 per-iteration times. The last line printed is one JSON object: step_s_median (one iteration of
@@ -16,6 +16,7 @@ num_seeds, sweep and data_parallel choose the runs and the mesh as in training
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import statistics
@@ -28,17 +29,18 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from bag_jax import data, dfq, losses, parallel, sweep, validation
+from bag_jax import data, dfq, losses, parallel, settings, step
+from bag_jax.layouts import make_train_epoch
 from bag_jax import models
 from bag_jax.models import bn_input_pairs
 
-def teacher_architecture(config, info: data.DatasetInfo) -> dict:
-    """The architecture the config's teacher has, known without its weights: the zoo network of
+def teacher_architecture(teacher: settings.TeacherSpec, info: data.DatasetInfo) -> dict:
+    """The architecture the teacher has, known without its weights: the zoo network of
     `teacher.checkpoint=pytorchcv:NAME`, else a CIFAR ResNet of `teacher.depth`."""
-    name = (config.teacher.checkpoint or '').removeprefix('pytorchcv:')
+    name = (teacher.checkpoint or '').removeprefix('pytorchcv:')
     if name in models.PYTORCHCV_NETWORKS:
         return {**models.PYTORCHCV_NETWORKS[name], 'num_classes': info.num_classes}
-    return {'arch': 'resnet_cifar', 'depth': config.teacher.depth, 'num_classes': info.num_classes}
+    return {'arch': 'resnet_cifar', 'depth': teacher.depth, 'num_classes': info.num_classes}
 
 
 def random_teacher(info: data.DatasetInfo, architecture: dict, seed: int = 0):
@@ -54,13 +56,13 @@ def random_teacher(info: data.DatasetInfo, architecture: dict, seed: int = 0):
     return model, {'params': variables['params'], 'batch_stats': stats}
 
 
-def bench_info(config) -> data.DatasetInfo:
-    """The dataset description the config implies, without loading the data."""
-    if config.data.name in ('cifar100', 'cifar10'):
-        return data.cifar_info(config.data.name)
-    if config.data.name in data.STREAMING_SOURCES:
-        return data.imagenet_info(config.data.name, config.data.get('image_size', data.IMAGENET_IMAGE_SIZE))
-    return data.load_dataset(config.data).info
+def bench_info(spec: settings.DataSpec) -> data.DatasetInfo:
+    """The dataset description the data settings imply, without loading the data."""
+    if spec.name in ('cifar100', 'cifar10'):
+        return data.cifar_info(spec.name)
+    if spec.name in data.STREAMING_SOURCES:
+        return data.imagenet_info(spec.name, spec.get('image_size', data.IMAGENET_IMAGE_SIZE))
+    return data.load_dataset(spec).info
 
 
 def _block(tree):
@@ -78,7 +80,7 @@ def _timed(fn, *args, repeats: int):
     return times
 
 
-def time_parts(setup: dfq.Setup, state: dfq.DFQState, teacher_variables, repeats: int) -> dict[str, float]:
+def time_parts(setup: step.Setup, state: step.DFQState, teacher_variables, repeats: int) -> dict[str, float]:
     """Median seconds of each piece of one iteration, compiled on its own:
 
     generate (G forward), teacher_fwd (P forward with BN statistics), student_fwd (Q forward),
@@ -106,8 +108,8 @@ def time_parts(setup: dfq.Setup, state: dfq.DFQState, teacher_variables, repeats
         'teacher_fwd': (jax.jit(teacher_fwd), (teacher_variables, x)),
         'student_fwd': (jax.jit(lambda v, x: setup.student.apply(v, x)), (stu_vars, x)),
         'student_step': (jax.jit(student_step), (one.stu_params, x)),
-        'iteration': (jax.jit(lambda s, t: dfq.train_iteration(setup, s, t, jnp.int32(setup.warmup_epochs),
-                                                               dfq.phase_of(setup, setup.warmup_epochs))),
+        'iteration': (jax.jit(lambda s, t: step.train_iteration(setup, s, t, jnp.int32(setup.warmup_epochs),
+                                                                step.phase_of(setup, setup.warmup_epochs))),
                       (one, teacher_variables)),
     }
 
@@ -115,32 +117,31 @@ def time_parts(setup: dfq.Setup, state: dfq.DFQState, teacher_variables, repeats
         def loss(p):
             images = setup.generator.apply({**gen_vars, 'params': p}, z, y)
             t, bns = teacher_fwd(teacher_variables, images)
-            s = setup.student.apply(stu_vars, images) if setup.method != 'gdfq' else t
+            s = setup.student.apply(stu_vars, images) if setup.method.generator_sees_student else t
             return losses.adadfq_generator_loss(t, s, y, bns)
         return jax.grad(loss)(gen_params)
     parts['generator_step'] = (jax.jit(generator_step), (one.gen_params,))
     return {name: statistics.median(_timed(fn, *args, repeats=repeats)) for name, (fn, args) in parts.items()}
 
 
-def run_bench(config, steps: int, repeats: int, parts: bool = False) -> dict:
-    """Compiles and times `steps` joint iterations; returns the result dict (see module docstring)."""
-    config = config.copy_and_resolve_references()   # the caller's config stays as it was
-    with config.unlocked():
-        config.iters_per_epoch = steps
-    validation.validate_quantize(config)
-    runs, mesh = dfq.runs_and_mesh(config)     # the mesh training would use
-    K = len(runs)
-    info = bench_info(config)
-    teacher_model, teacher_host = random_teacher(info, teacher_architecture(config, info), config.seed)
-    setup = dfq.build_setup(config, teacher_model, info)
+def run_bench(experiment: settings.Experiment, steps: int, repeats: int, parts: bool = False) -> dict:
+    """Compiles and times `steps` joint iterations of `experiment` (a quantization run's, parsed
+    by settings.parse); returns the result dict (see module docstring)."""
+    spec = experiment.dfq
+    spec = dataclasses.replace(spec, schedule=dataclasses.replace(spec.schedule, iters_per_epoch=steps))
+    mesh = dfq.make_mesh(spec)     # the mesh training would use
+    K = len(spec.runs)
+    info = bench_info(experiment.data)
+    teacher_model, teacher_host = random_teacher(info, teacher_architecture(experiment.teacher, info), experiment.seed)
+    setup = step.build_setup(spec, teacher_model, info)
     teacher_variables = parallel.replicate(teacher_host, mesh)
-    state = dfq.init_states(setup, teacher_host, config.seed, K, mesh, seeds=[r.seed for r in runs],
-                            hparams=sweep.hyperparameters(config))
-    train_epoch = dfq.make_train_epoch(setup, mesh, K, config.epoch_loop)
+    state = step.init_states(setup, teacher_host, experiment.seed, K, mesh, seeds=[r.seed for r in spec.runs],
+                             hparams=spec.swept_values())
+    train_epoch = make_train_epoch(setup, mesh, K, spec.schedule.epoch_loop)
     # The first call compiles the calibration program and calibrates the activation ranges (epoch
-    # 0); the second compiles the fine-tuning program (each phase has its own, dfq.make_train_epoch)
+    # 0); the second compiles the fine-tuning program (each phase has its own, layouts.make_train_epoch)
     # on an epoch after warm-up, where both networks step; the timed calls run that program again.
-    epoch = jnp.int32(max(config.warmup_epochs, config.calibration_epochs))   # ranges frozen, both step
+    epoch = jnp.int32(max(spec.schedule.warmup_epochs, spec.schedule.calibration_epochs))   # ranges frozen, both step
     untimed_s = 0.0
     for first_epoch in (jnp.int32(0), epoch):
         t0 = time.perf_counter()
@@ -162,15 +163,16 @@ def run_bench(config, steps: int, repeats: int, parts: bool = False) -> dict:
     device = jax.devices()[0]
     memory = device.memory_stats() or {}
     result = {
-        'method': config.method, 'w_bits': config.quant.w_bits, 'a_bits': config.quant.a_bits,
-        'batch_size': config.batch_size, 'num_seeds': config.num_seeds, 'num_runs': K,
-        'sweep': {field: list(values) for field, values in sweep.sweep_of(config).items()},
+        'method': spec.method, 'w_bits': experiment.record['quant']['w_bits'],
+        'a_bits': experiment.record['quant']['a_bits'],
+        'batch_size': spec.schedule.batch_size, 'num_seeds': spec.num_seeds, 'num_runs': K,
+        'sweep': {field: list(values) for field, values in spec.sweep},
         'mesh_runs': mesh.shape[parallel.RUNS_AXIS], 'mesh_data': mesh.shape[parallel.DATA_AXIS], 'steps': steps, 'repeats': repeats,
         'epoch_loop': train_epoch.loop, 'compiled_while_timed': compiled_while_timed,
         'step_s_median': statistics.median(times), 'step_s_min': min(times), 'compile_s': compile_s,
         'step_s_per_run': statistics.median(times) / K,
-        'images_per_s': config.batch_size * K / statistics.median(times),
-        'images_per_s_per_run': config.batch_size / statistics.median(times),
+        'images_per_s': spec.schedule.batch_size * K / statistics.median(times),
+        'images_per_s_per_run': spec.schedule.batch_size / statistics.median(times),
         'flops_per_iteration': flops, 'flops_per_s': flops / statistics.median(times),
         'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         'device_kind': device.device_kind, 'device_count': jax.device_count(),
@@ -185,7 +187,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     f = flags.FLAGS
-    result = run_bench(f.config, f.steps, f.repeats, f.parts)
+    result = run_bench(settings.parse(f.config), f.steps, f.repeats, f.parts)
     for key, value in result.items():
         print(f'{key:>20}: {value}', file=sys.stderr)
     print(json.dumps(result))

@@ -36,6 +36,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from bag_jax import models
+from bag_jax.quant import QuantSpec
 
 TEACHER_META = 'teacher.json'
 STUDENT_META = 'student.json'
@@ -103,11 +104,11 @@ def data_config_for(meta: dict[str, Any], overrides: dict[str, Any] | None = Non
     if record is not None and given.get('name', record.get('name')) != record.get('name'):
         record = None       # another source than the one recorded: nothing recorded applies
     recorded = {k: v for k, v in (record or {}).items() if k in DATA_FIELDS and v is not None}
-    config = {field: None for field in DATA_FIELDS}
-    config.update(name=meta['data']['name'], image_size=meta['data']['image_shape'][0])
-    config.update(recorded)
-    config.update(given)
-    return config, [k for k in recorded if k not in given and k != 'name']
+    fields = {field: None for field in DATA_FIELDS}
+    fields.update(name=meta['data']['name'], image_size=meta['data']['image_shape'][0])
+    fields.update(recorded)
+    fields.update(given)
+    return fields, [k for k in recorded if k not in given and k != 'name']
 
 
 def save_teacher(directory: str, variables: dict, meta: dict[str, Any]) -> None:
@@ -209,9 +210,7 @@ def load_model(directory: str, field: str = 'checkpoint', kinds: tuple[str, ...]
     try:
         with open(meta_path) as f:
             meta = json.load(f)
-        q = meta.get('quant', {}) if kind == 'student' else {}
-        model = models.build(meta, w_bits=q.get('w_bits'), a_bits=q.get('a_bits'),
-                             range_rule=q.get('range_rule', 'reference'), ste=q.get('ste', 'identity'))
+        model = models.build(meta, QuantSpec(**meta.get('quant', {})) if kind == 'student' else None)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f'{field}={directory!r}: {meta_path} is damaged ({_reason(e)}); '
                               f'write the checkpoint again or use another one.') from None

@@ -100,12 +100,12 @@ def is_user_error(error: BaseException) -> bool:
 def config_flag_error(argv: list[str], error: Exception) -> str | None:
     """The one-line message for a failed flag (`--config=FILE`, `--config.FIELD=...`, any other),
     or None when the failure is not about the flags."""
-    from bag_jax import validation
+    from bag_jax import settings
     config = _config_without_overrides(argv)
     if config is not None:
         for arg in argv[1:]:
             if arg.startswith('--config.'):
-                message = validation.unknown_field_message(config, arg[len('--config.'):].split('=', 1)[0])
+                message = settings.unknown_field_message(config, arg[len('--config.'):].split('=', 1)[0])
                 if message:
                     return message
     text = str(error)

@@ -3,15 +3,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from bag_jax import checkpoint, data, metrics, parallel, report, validation, zoo
+from bag_jax import checkpoint, data, metrics, parallel, report, settings, zoo
 
 
 def make_eval_step(apply_fn: Callable, info: data.DatasetInfo, mesh) -> Callable:
@@ -56,22 +56,22 @@ def evaluate(eval_step: Callable, variables, dataset: data.ArrayDataset | data.S
     return {'top1': as_percent(top1), 'top5': as_percent(top5), 'images': n}
 
 
-def run_evaluation(config, workdir: str) -> dict[str, float]:
-    """The `evaluate` mode: scores `config.checkpoint` (a teacher or a student) on the test split
+def run_evaluation(experiment: settings.Experiment, workdir: str) -> dict[str, float]:
+    """The `evaluate` mode: scores `experiment.checkpoint` (a teacher or a student) on the test split
     of the data it was trained or quantized with (the checkpoint's record, `checkpoint.data_config_for`;
-    the `config.data` fields that are set override it), writes `workdir/summary.json` and prints
+    the `experiment.data` fields that are set override it), writes `workdir/summary.json` and prints
     the result as a table (process 0). Returns the summary. ImageNet-style data (imagenet2012,
     imagefolder) may use another crop size than the checkpoint records (data.image_size)."""
-    validation.check_divisible(config.eval_batch_size, jax.device_count(), 'eval_batch_size')
-    directory = zoo.checkpoint_directory(config.checkpoint)     # pytorchcv:NAME: the zoo's teacher
+    settings.check_divisible(experiment.eval_batch_size, jax.device_count(), 'eval_batch_size')
+    directory = zoo.checkpoint_directory(experiment.checkpoint)     # pytorchcv:NAME: the zoo's teacher
     kind, model, variables, meta = checkpoint.load_model(directory, field='checkpoint')
-    data_fields, recorded = checkpoint.data_config_for(meta, config.data.to_dict())
+    data_fields, recorded = checkpoint.data_config_for(meta, dataclasses.asdict(experiment.data))
     dataset = load_recorded(data_fields, recorded, directory, kind, '--config.data.')
     info = data.DatasetInfo.from_dict(meta['data'])
     checkpoint.check_compatible(info, dataset.info, 'checkpoint')
     mesh = parallel.make_mesh()
     step = make_eval_step(lambda v, x: model.apply(v, x, train=False), info, mesh)
-    result = evaluate(step, parallel.replicate(variables, mesh), dataset, mesh, config.eval_batch_size)
+    result = evaluate(step, parallel.replicate(variables, mesh), dataset, mesh, experiment.eval_batch_size)
     summary = {'checkpoint': os.path.abspath(directory), 'kind': kind, 'dataset': dataset.info.name,
                'data': data_fields, **result}
     if kind == 'student':
@@ -87,7 +87,7 @@ def load_recorded(data_fields: dict, recorded: list[str], directory: str, kind: 
     directory recorded in the checkpoint is not there any more, the message says where the path
     came from and which flag overrides it (`flag_prefix` + field)."""
     try:
-        return data.load_dataset(ml_collections.ConfigDict(data_fields), **processes)
+        return data.load_dataset(settings.DataSpec(**data_fields), **processes)
     except (FileNotFoundError, data.DatasetUnavailableError) as e:
         paths = [f for f in recorded if f in checkpoint.DATA_PATH_FIELDS]
         if not paths:

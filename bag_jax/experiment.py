@@ -1,13 +1,13 @@
-"""What `run.py` runs: validates the config, joins a multi-process run if there is one, claims
-the workdir (one run at a time, of one config: `bag_jax.workdir`), and dispatches on
-`config.mode`."""
+"""What `run.py` runs: reads and checks the config once (bag_jax.settings), joins a
+multi-process run if there is one, claims the workdir (one run at a time, of one config:
+`bag_jax.workdir`), and dispatches on the mode."""
 
 from __future__ import annotations
 
 import jax
 from absl import logging
 
-from bag_jax import parallel, validation
+from bag_jax import parallel, settings
 from bag_jax import workdir as workdirs
 
 
@@ -24,17 +24,17 @@ def run(config, workdir: str, **distributed):
     Raises workdir.WorkdirError, before anything is loaded, when another run is using `workdir`
     or the run in it was made with another config (`bag_jax.workdir`).
     """
-    validation.validate_config(config)
+    experiment = settings.parse(config)
     parallel.initialize_distributed(**distributed)
-    validation.check_device_split(config, jax.device_count())
-    logging.info('mode %s on %d %s device(s), workdir %s', config.mode, jax.device_count(),
+    settings.check_device_split(experiment, jax.device_count())
+    logging.info('mode %s on %d %s device(s), workdir %s', experiment.mode, jax.device_count(),
                  jax.devices()[0].platform, workdir)
-    with workdirs.claim(config, workdir):
-        if config.mode == 'teacher':
+    with workdirs.claim(experiment.record, workdir):
+        if experiment.mode == 'teacher':
             from bag_jax import teacher
-            return teacher.train_teacher(config, workdir)
-        if config.mode == 'evaluate':
+            return teacher.train_teacher(experiment, workdir)
+        if experiment.mode == 'evaluate':
             from bag_jax import evaluate
-            return evaluate.run_evaluation(config, workdir)
+            return evaluate.run_evaluation(experiment, workdir)
         from bag_jax import dfq
-        return dfq.train_and_evaluate(config, workdir)
+        return dfq.train_and_evaluate(experiment, workdir)

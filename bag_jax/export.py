@@ -245,16 +245,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument('--eval_batch_size', type=int, default=200)
     parser.add_argument('--no_agreement', action='store_true', help='skip the agreement measurement')
     args = parser.parse_args(argv)
-    config = {k: v for k, v in (('npz_path', args.npz_path), ('tfds_dir', args.tfds_dir),
+    fields = {k: v for k, v in (('npz_path', args.npz_path), ('tfds_dir', args.tfds_dir),
                                  ('imagefolder_dir', args.imagefolder_dir),
                                  ('digits_test_fraction', args.digits_test_fraction),
                                  ('image_size', args.image_size)) if v is not None}
     if args.npz_path:
-        config['name'] = 'npz'
+        fields['name'] = 'npz'
     if args.imagefolder_dir:
-        config['name'] = 'imagefolder'
+        fields['name'] = 'imagefolder'
     try:
-        report = export(args.checkpoint, args.out, config, args.eval_batch_size, measure=not args.no_agreement)
+        report = export(args.checkpoint, args.out, fields, args.eval_batch_size, measure=not args.no_agreement)
     except (OSError, ValueError, checkpoint.CheckpointError, data.DatasetUnavailableError) as e:
         print(f'{parser.prog}: error: {e}', file=sys.stderr)
         return 1

@@ -106,7 +106,7 @@ def integer_form(model, variables) -> dict[str, np.ndarray]:
         layer, leaf = name.rsplit('/', 1)
         if leaf == 'kernel':
             w = jnp.asarray(value)
-            q, zero_point, scale = quant.quantize_to_grid(w, *quant.weight_range(w), model.w_bits)
+            q, zero_point, scale = quant.quantize_to_grid(w, *quant.weight_range(w), model.quant.w_bits)
             out[f'{layer}/q'] = np.asarray(q, np.int8)
             out[f'{layer}/zero_point'] = np.asarray(zero_point, np.float32).reshape(-1).astype(np.int32)
             out[f'{layer}/scale'] = np.asarray(scale, np.float32).reshape(-1)
@@ -173,9 +173,8 @@ def dequantized_forward(arrays: dict[str, Any], meta: dict[str, Any]) -> Callabl
     at w_bits), not arithmetic. The ImageNet architectures take this path: their integer kernels
     (max pooling on integers, depthwise and bottleneck convolutions) are not written yet."""
     w_bits, a_bits = check_student(meta, 'the student')
-    quant_meta = meta.get('quant', {})
-    model = models.build(meta, w_bits=None, a_bits=a_bits, range_rule=quant_meta.get('range_rule', 'reference'),
-                         ste=quant_meta.get('ste', 'identity'))
+    spec = dataclasses.replace(quant.QuantSpec(**meta.get('quant', {})), w_bits=None)   # kernels dequantized
+    model = models.build(meta, spec)
     kernels = {name[:-len('/q')] for name in arrays if name.endswith('/q')}
     params, stats, ranges = {}, {}, {}
     for name, value in arrays.items():

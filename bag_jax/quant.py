@@ -12,6 +12,7 @@ for activations (docs/algorithms.md 2.4).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Optional
 
@@ -25,6 +26,18 @@ STE_MODES = ('identity', 'clipped')
 RANGE_RULES = ('reference', 'ema')
 # QuantAct's running-range factor, hard-coded in the reference (docs/algorithms.md 2.4).
 RANGE_MOMENTUM = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """How a network is fake-quantized: its weights at `w_bits` (per output channel), its
+    activations at `a_bits` (per tensor, calibrated ranges), None for full precision; the range
+    update rule and the straight-through estimator. Networks take one `quant: QuantSpec | None`
+    field (None: the full-precision network); checkpoints record `dataclasses.asdict(spec)`."""
+    w_bits: Optional[int] = None
+    a_bits: Optional[int] = None
+    range_rule: str = 'reference'
+    ste: str = 'identity'
 
 
 def check_bits(bits: Any, field: str) -> Optional[int]:
@@ -178,6 +191,11 @@ class QuantAct(nn.Module):
     range_rule: str = 'reference'
     ste: str = 'identity'
 
+    @classmethod
+    def of(cls, spec: QuantSpec, name: str) -> 'QuantAct':
+        """The activation quantizer of `spec` (a_bits, range rule, STE)."""
+        return cls(spec.a_bits, spec.range_rule, spec.ste, name=name)
+
     @nn.compact
     def __call__(self, x: jax.Array, calibrate: bool = False) -> jax.Array:
         if self.bits is None:
@@ -191,7 +209,8 @@ class QuantAct(nn.Module):
             batch = jax.lax.stop_gradient(x)
             old = (x_min.value, x_max.value, beta_t.value)
             new = update_range(*old, jnp.min(batch), jnp.max(batch), self.range_rule)
-            # `calibrate` may be a traced bool, so one compiled step serves both phases.
+            # `calibrate` is a Python bool in training (each phase has its own program) and may be
+            # a traced one: jnp.where serves both.
             x_min.value, x_max.value, beta_t.value = (jnp.where(calibrate, n, o) for n, o in zip(new, old))
         lo = jax.lax.stop_gradient(x_min.value)
         hi = jax.lax.stop_gradient(x_max.value)

@@ -3,8 +3,9 @@
 `config.sweep` maps dotted config fields to tuples of values; with `config.num_seeds = S` a run
 trains every point of the product of the sweep values with each of the S seeds (seed .. seed +
 S - 1), K runs in all, as one program: each run is a generator/student pair of its own, and the
-swept values are per-run traced numbers, so one compilation serves the whole sweep (`SWEEPABLE`
-lists the fields that can be swept: those that change no shape and no program).
+swept values are per-run traced numbers, so one compilation serves the whole sweep
+(`settings.SWEEPABLE` lists the fields that can be swept: those that change no shape and no
+program; bag_jax.settings reads and checks config.sweep and makes the runs).
 
 The devices form a 2-D mesh ('runs', 'data'): `config.data_parallel` devices train each run (its
 batch split over 'data'), and the K runs spread over the 'runs' axis (`device_split`).
@@ -16,24 +17,11 @@ batch split over 'data'), and the K runs spread over the 'runs' axis (`device_sp
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import json
 import math
 import numbers
 from typing import Any
 
 import numpy as np
-
-# The float hyperparameters the training step reads: each can take a different value in every
-# run of one program.
-SWEEPABLE = (
-    'loss.bns', 'loss.temperature', 'loss.kd', 'loss.alpha_ds', 'loss.alpha_as', 'loss.lambda_l', 'loss.lambda_u',
-    'loss.balance', 'loss.channel_attention',
-    'generator.lr', 'generator.b1', 'generator.b2',
-    'student.lr', 'student.momentum', 'student.weight_decay',
-    'lr_decay',
-)
-
 
 @dataclasses.dataclass(frozen=True)
 class Run:
@@ -56,130 +44,12 @@ def _format(value: float) -> str:
     return f'{value:g}'
 
 
-def config_value(config, field: str):
-    """The value of dotted `field` in `config`."""
-    node = config
-    for part in field.split('.'):
-        node = node[part]
-    return node
-
-
-def sweep_of(config) -> dict[str, tuple[float, ...]]:
-    """config.sweep checked: {field: values} (empty without a sweep). Raises ValueError naming a
-    field that cannot be swept (one that changes shapes or the program: bit-widths, method,
-    batch size, depth, data, and every boolean field), a value that is not a finite number, or an
-    empty value list.
-
-    The sweep is a dict, or its JSON text: the command line's parser (Python literals) leaves
-    `--config.sweep='{"generator.quantize": [true, false]}'` or `[0.1, NaN]` a string."""
-    sweep = config.get('sweep')
-    if isinstance(sweep, str):
-        sweep = _parse_json(sweep)
-    if sweep is None or (hasattr(sweep, '__len__') and len(sweep) == 0):
-        return {}
-    if not hasattr(sweep, 'items'):
-        raise ValueError(f'sweep={sweep!r} is not allowed: use {_DICT_HINT}.')
-    checked = {}
-    for field, values in sweep.items():
-        if field not in SWEEPABLE:
-            raise ValueError(_unsweepable_message(config, field))
-        if isinstance(values, (str, bytes)) or not hasattr(values, '__len__') or not len(values):
-            raise ValueError(f'sweep[{field!r}]={values!r} is not allowed: use a non-empty list of numbers.')
-        if any(isinstance(v, bool) for v in values):
-            raise ValueError(f'sweep[{field!r}]={list(values)!r} is not allowed: every value must be a number '
-                             f'(True and False are not; {field} is a float hyperparameter).')
-        if any(not isinstance(v, numbers.Real) for v in values):
-            raise ValueError(f'sweep[{field!r}]={list(values)!r} is not allowed: every value must be a number.')
-        if any(not math.isfinite(v) for v in values):
-            raise ValueError(f'sweep[{field!r}]={list(values)!r} is not allowed: every value must be a finite number '
-                             '(nan, inf and -inf are refused).')
-        if len(set(values)) != len(values):
-            raise ValueError(f'sweep[{field!r}]={list(values)!r} repeats a value: each sweep point once '
-                             '(num_seeds repeats runs).')
-        checked[field] = tuple(float(v) for v in values)
-    return checked
-
-
-_DICT_HINT = ('a dict of dotted config fields to lists of values, e.g. '
-              '--config.sweep=\'{"loss.channel_attention": [0, 5]}\'')
-
-
-def _parse_json(text: str):
-    """The sweep given as text: its JSON value (a dict, if it is right)."""
-    try:
-        return json.loads(text)
-    except ValueError as e:
-        raise ValueError(f'sweep={text!r} is not allowed: it is not a dict, and as JSON it does not parse ({e}): '
-                         f'use {_DICT_HINT}.') from None
-
-
-def _unsweepable_message(config, field: str) -> str:
-    """Why `field` cannot be swept, and which fields can."""
-    sweepable = (f'a sweep varies only the float hyperparameters of the step, which change no shape and no '
-                 f'program: {", ".join(SWEEPABLE)}')
-    if not _has_field(config, field):
-        return f'sweep field {field!r} cannot be swept (there is no such config field): {sweepable}.'
-    if isinstance(config_value(config, field), bool):
-        return (f'sweep field {field!r} cannot be swept: it is a boolean field, and True/False switches a part of '
-                f'the program on or off, which one compilation cannot serve; run each value as a run of its own '
-                f'(--config.{field}=True, --config.{field}=False in separate workdirs). {sweepable[0].upper()}'
-                f'{sweepable[1:]}.')
-    return (f'sweep field {field!r} cannot be swept: {sweepable}. Bit-widths, method, batch size, depth and data '
-            'need runs of their own.')
-
-
-def _has_field(config, field: str) -> bool:
-    try:
-        config_value(config, field)
-        return True
-    except (KeyError, AttributeError):
-        return False
-
-
-def runs_of(config) -> list[Run]:
-    """The runs of `config`: every sweep point (product of the sweep values, in order) times the
-    seeds config.seed .. config.seed + num_seeds - 1, seeds innermost."""
-    sweep = sweep_of(config)
-    points = itertools.product(*sweep.values()) if sweep else [()]
-    return [Run(overrides=tuple(zip(sweep, values)), seed=config.seed + s)
-            for values in points for s in range(config.num_seeds)]
-
-
-def run_configs(config) -> list:
-    """Each run as a config of its own (`--config.seed=s` with its overrides, no sweep): what
-    the run trains as when it runs alone."""
-    out = []
-    for run in runs_of(config):
-        c = config.copy_and_resolve_references()
-        with c.unlocked():
-            c.sweep = None
-            c.num_seeds = 1
-            c.seed = run.seed
-            for field, value in run.overrides:
-                *path, last = field.split('.')
-                node = c
-                for part in path:
-                    node = node[part]
-                node[last] = value
-        out.append(c)
-    return out
-
-
-def hyperparameters(config) -> dict[str, np.ndarray]:
-    """{field: float32 array (K,)} for the swept fields: the traced per-run values ({} without a
-    sweep, so that a single run's program keeps every hyperparameter a constant)."""
-    runs = runs_of(config)
-    fields = list(sweep_of(config))
-    return {field: np.asarray([dict(run.overrides)[field] for run in runs], np.float32) for field in fields}
-
-
-def device_split(config, num_runs: int, device_count: int) -> tuple[int, int]:
-    """(runs axis, data axis) of the mesh: `config.data_parallel` devices per run, or by default
-    all devices when there is one run, else as few as the batch needs so that the runs spread
-    over the devices first. Raises ValueError naming the field to change when the split does not
-    fit (K runs, the batch, or the devices not divisible)."""
-    batch = config.batch_size
-    chosen = config.get('data_parallel')
+def device_split(batch: int, data_parallel, num_runs: int, device_count: int) -> tuple[int, int]:
+    """(runs axis, data axis) of the mesh: `data_parallel` devices per run (config.data_parallel),
+    or by default all devices when there is one run, else as few as the batch needs so that the
+    runs spread over the devices first. Raises ValueError naming the field to change when the
+    split does not fit (K runs, the batch, or the devices not divisible)."""
+    chosen = data_parallel
     # The devices per run that fit: they divide the devices and the batch, and the rows of the
     # mesh (device_count / d) divide the runs.
     fits = [d for d in range(1, device_count + 1)
@@ -202,7 +72,7 @@ def device_split(config, num_runs: int, device_count: int) -> tuple[int, int]:
     if device_count % chosen:
         raise ValueError(f'data_parallel={chosen} does not divide the {device_count} devices: {alternatives}.')
     if batch % chosen:
-        per_run = 'devices' if config.get('data_parallel') is None else 'devices per run (data_parallel)'
+        per_run = 'devices' if data_parallel is None else 'devices per run (data_parallel)'
         raise ValueError(f'batch_size={batch} does not split over {chosen} {per_run}: use a multiple of {chosen}.')
     runs_axis = device_count // chosen
     if num_runs % runs_axis:

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
-from bag_jax import checkpoint, console, data, evaluate, metrics, parallel, validation, zoo
+from bag_jax import checkpoint, console, data, evaluate, metrics, parallel, settings, zoo
 from bag_jax.models import ResNetCifar
+from bag_jax.settings import Experiment, TeacherSpec
 
 TEACHER_DIR = 'teacher'
 TEACHER_STATE_DIR = 'teacher_state'
@@ -34,11 +35,11 @@ class TeacherState:
     opt_state: Any
 
 
-def teacher_optimizer(teacher_config, total_steps: int) -> optax.GradientTransformation:
+def teacher_optimizer(spec: TeacherSpec, total_steps: int) -> optax.GradientTransformation:
     """SGD, Nesterov momentum, coupled weight decay (as PyTorch's), cosine decay to 0 over the run."""
-    schedule = optax.cosine_decay_schedule(teacher_config.lr, max(total_steps, 1))
-    return optax.chain(optax.add_decayed_weights(teacher_config.weight_decay),
-                       optax.sgd(schedule, momentum=teacher_config.momentum, nesterov=True))
+    schedule = optax.cosine_decay_schedule(spec.lr, max(total_steps, 1))
+    return optax.chain(optax.add_decayed_weights(spec.weight_decay),
+                       optax.sgd(schedule, momentum=spec.momentum, nesterov=True))
 
 
 def make_train_step(model: ResNetCifar, tx: optax.GradientTransformation, info: data.DatasetInfo,
@@ -70,18 +71,16 @@ def make_train_step(model: ResNetCifar, tx: optax.GradientTransformation, info: 
     return jax.jit(step, donate_argnums=(0,), out_shardings=(repl, repl))
 
 
-def train_teacher(config, workdir: str, dataset: data.ArrayDataset | None = None) -> str:
-    """Trains a full-precision ResNetCifar on `config.data` with `config.teacher` settings.
+def train_teacher(experiment: Experiment, workdir: str, dataset: data.ArrayDataset | None = None) -> str:
+    """Trains a full-precision ResNetCifar on `experiment.data` with `experiment.teacher` settings.
 
     Resumes from `workdir/teacher_state` if a run was interrupted; returns the path of the finished
     teacher checkpoint (`workdir/teacher`), which records its test top-1/top-5.
     """
-    validation.validate_data(config)
-    validation.validate_teacher(config)
-    tc = config.teacher
-    validation.check_divisible(tc.batch_size, jax.device_count(), 'teacher.batch_size')
-    validation.check_divisible(config.eval_batch_size, jax.device_count(), 'eval_batch_size')
-    dataset = dataset or data.load_dataset(config.data)
+    tc = experiment.teacher
+    settings.check_divisible(tc.batch_size, jax.device_count(), 'teacher.batch_size')
+    settings.check_divisible(experiment.eval_batch_size, jax.device_count(), 'eval_batch_size')
+    dataset = dataset or data.load_dataset(experiment.data)
     data.require_train_split(dataset, purpose='training a teacher')
     info = dataset.info
     model = ResNetCifar(num_classes=info.num_classes, depth=tc.depth)
@@ -94,8 +93,8 @@ def train_teacher(config, workdir: str, dataset: data.ArrayDataset | None = None
         return TeacherState(step=jnp.zeros((), jnp.int32), params=variables['params'],
                             batch_stats=variables['batch_stats'], opt_state=tx.init(variables['params']))
 
-    state = jax.jit(init, out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(config.seed))
-    train_step = make_train_step(model, tx, info, config.seed, tc.label_smoothing, mesh)
+    state = jax.jit(init, out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(experiment.seed))
+    train_step = make_train_step(model, tx, info, experiment.seed, tc.label_smoothing, mesh)
     eval_step = evaluate.make_eval_step(lambda v, x: model.apply(v, x, train=False), info, mesh)
 
     start, result = 0, {}
@@ -114,7 +113,7 @@ def train_teacher(config, workdir: str, dataset: data.ArrayDataset | None = None
             for epoch in range(start, tc.epochs):
                 t0 = time.time()
                 totals = []
-                for x, y in data.train_batches(dataset, tc.batch_size, seed=config.seed, epoch=epoch):
+                for x, y in data.train_batches(dataset, tc.batch_size, seed=experiment.seed, epoch=epoch):
                     state, m = train_step(state, *parallel.global_batch(mesh, x, y))
                     totals.append(m)
                     progress.live = {'step_loss': m['loss']}
@@ -122,7 +121,7 @@ def train_teacher(config, workdir: str, dataset: data.ArrayDataset | None = None
                 train_metrics = {k: float(jnp.mean(jnp.stack([m[k] for m in totals]))) for k in totals[0]}
                 progress.set_postfix(epoch=epoch + 1, loss=f'{train_metrics["loss"]:.3f}')
                 result = evaluate.evaluate(eval_step, {'params': state.params, 'batch_stats': state.batch_stats},
-                                           dataset, mesh, config.eval_batch_size)
+                                           dataset, mesh, experiment.eval_batch_size)
                 writer.write(epoch + 1, {**train_metrics, 'test_top1': result['top1'], 'test_top5': result['top5'],
                                          'epoch_s': time.time() - t0}, phase='teacher')
                 ckpts.save(epoch + 1, state, {'epoch': epoch + 1, 'result': result})
@@ -130,7 +129,7 @@ def train_teacher(config, workdir: str, dataset: data.ArrayDataset | None = None
     variables = parallel.to_host({'params': state.params, 'batch_stats': state.batch_stats})
     directory = os.path.join(workdir, TEACHER_DIR)
     meta = checkpoint.model_meta(info, model, source=f'trained by bag_jax.teacher, {tc.epochs} epochs',
-                                 data_config=config.data, top1=result.get('top1'), top5=result.get('top5'))
+                                 data_config=experiment.data, top1=result.get('top1'), top5=result.get('top5'))
     checkpoint.save_teacher(directory, variables, meta)
     if jax.process_index() == 0:
         from bag_jax import report
@@ -141,15 +140,15 @@ def train_teacher(config, workdir: str, dataset: data.ArrayDataset | None = None
     return directory
 
 
-def ensure_teacher(config, workdir: str, dataset: data.ArrayDataset | None = None) -> str:
-    """The teacher a quantization run uses: `config.teacher.checkpoint` if set (a directory, or
+def ensure_teacher(experiment: Experiment, workdir: str, dataset: data.ArrayDataset | None = None) -> str:
+    """The teacher a quantization run uses: `experiment.teacher.checkpoint` if set (a directory, or
     'pytorchcv:NAME': the zoo file, fetched and converted once, `bag_jax.zoo`), else a finished
     teacher in `workdir/teacher`, else one trained there now. Returns its directory."""
-    if config.teacher.checkpoint:
-        return zoo.checkpoint_directory(config.teacher.checkpoint)
+    if experiment.teacher.checkpoint:
+        return zoo.checkpoint_directory(experiment.teacher.checkpoint)
     directory = os.path.join(workdir, TEACHER_DIR)
     if checkpoint.is_teacher_checkpoint(directory):
         logging.info('using the teacher already trained in %s', directory)
         return directory
     logging.info('teacher.checkpoint is unset: training a full-precision teacher into %s first', directory)
-    return train_teacher(config, workdir, dataset)
+    return train_teacher(experiment, workdir, dataset)

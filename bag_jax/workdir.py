@@ -32,7 +32,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from bag_jax import validation
+from bag_jax import settings
 
 CONFIG_FILE = 'config.json'
 LOCK_FILE = 'run.lock'
@@ -46,15 +46,10 @@ class WorkdirError(RuntimeError):
     """The workdir is in use by another run, or holds a run made with another config."""
 
 
-def config_record(config) -> dict[str, Any]:
-    """The config as the JSON object that `config.json` holds (tuples become lists)."""
-    return json.loads(json.dumps(config.to_dict()))
-
-
 def changed_fields(recorded: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """{dotted field: (recorded value, current value)} for every field that differs; a field
     present on one side only shows as missing on the other."""
-    old, new = validation.flat_fields(recorded), validation.flat_fields(current)
+    old, new = settings.flat_fields(recorded), settings.flat_fields(current)
     missing = '<absent>'
     return {k: (old.get(k, missing), new.get(k, missing)) for k in sorted(old.keys() | new.keys())
             if old.get(k, missing) != new.get(k, missing)}
@@ -146,8 +141,9 @@ def _describe_holder(text: str) -> str:
 
 
 @contextlib.contextmanager
-def claim(config, workdir: str) -> Iterator[None]:
-    """Holds `workdir` for one run of `config` (see the module docstring); every process enters
+def claim(record: dict[str, Any], workdir: str) -> Iterator[None]:
+    """Holds `workdir` for one run of the config `record` (settings.Experiment.record: the config
+    as the JSON object that `config.json` holds; see the module docstring); every process enters
     it together. Raises WorkdirError before anything is loaded when the workdir is in use or
     holds a run of another config."""
     lock, error = None, None
@@ -155,7 +151,6 @@ def claim(config, workdir: str) -> Iterator[None]:
         try:
             os.makedirs(workdir, exist_ok=True)
             lock = Lock(workdir)
-            record = config_record(config)
             changes = check_config(workdir, record)
             if changes:
                 logging.info('continuing the run in %s with %s', workdir,

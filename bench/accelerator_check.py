@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from bag_jax import bench  # noqa: E402
+from bag_jax import bench, settings  # noqa: E402
 from configs import cifar100_w3a3, imagenet_mobilenetv2_w4a4, imagenet_resnet18_w4a4, imagenet_resnet50_w4a4  # noqa: E402,E501
 
 _STEPS = flags.DEFINE_integer('steps', 50, 'Iterations per timed call.')
@@ -37,7 +37,7 @@ def main(argv):
     for label, module, batch, seeds in SETTINGS:
         c = module.get_config(_METHOD.value)
         c.batch_size, c.num_seeds = batch, seeds
-        r = bench.run_bench(c, _STEPS.value, _REPEATS.value)
+        r = bench.run_bench(settings.parse(c), _STEPS.value, _REPEATS.value)
         iterations = c.epochs * c.iters_per_epoch    # run_bench leaves the config as it was
         r['projected_full_run_min'] = r['step_s_median'] * iterations / 60
         r['label'] = label

@@ -29,12 +29,13 @@ def main() -> None:
     import numpy as np
 
     from bag_jax import data, export, integer_inference
+    from bag_jax.quant import QuantSpec
     from bag_jax.models import ResNetCifar
 
     info = data.cifar_info('cifar100')
     rows = []
     for bits in (3, 4, 5):
-        model = ResNetCifar(num_classes=100, depth=20, w_bits=bits, a_bits=bits)
+        model = ResNetCifar(num_classes=100, depth=20, quant=QuantSpec(bits, bits))
         variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
         rng = np.random.default_rng(0)
         for _ in range(4):

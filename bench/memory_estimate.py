@@ -18,7 +18,7 @@ sys.path.insert(0, ROOT)
 def main(size: int, batch: int) -> None:
     import numpy as np
 
-    from bag_jax import bench, dfq
+    from bag_jax import bench, dfq, settings, step
     from configs import base
 
     path = f'/tmp/bag_jax_memory_{size}.npz'
@@ -27,9 +27,11 @@ def main(size: int, batch: int) -> None:
              x_test=rng.integers(0, 256, (2, size, size, 3), np.uint8), y_test=np.arange(2) % 2)
     c = base.get_config('adadfq')
     c.data.name, c.data.npz_path, c.batch_size = 'npz', path, batch
-    result = bench.run_bench(c, steps=1, repeats=1)
-    info = bench.bench_info(c)
-    setup = dfq.build_setup(c, bench.random_teacher(info, bench.teacher_architecture(c, info), c.seed)[0], info)
+    experiment = settings.parse(c)
+    result = bench.run_bench(experiment, steps=1, repeats=1)
+    info = bench.bench_info(experiment.data)
+    teacher_model = bench.random_teacher(info, bench.teacher_architecture(experiment.teacher, info), c.seed)[0]
+    setup = step.build_setup(experiment.dfq, teacher_model, info)
     large = dfq.LARGE_IMAGE_PIXELS
     dfq.LARGE_IMAGE_PIXELS = 0      # estimate every size, not only those that warn
     estimate = dfq.warn_about_memory(setup, info)

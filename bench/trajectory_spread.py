@@ -29,7 +29,7 @@ def run(out: str, devices: int, teacher_dir: str) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from bag_jax import checkpoint, data, dfq, evaluate, parallel, teacher
+    from bag_jax import checkpoint, data, dfq, evaluate, parallel, settings, step, teacher
     from bag_jax.models import ResNetCifar
     from tests import tiny_config
     from tests.trajectories import flat
@@ -47,11 +47,11 @@ def run(out: str, devices: int, teacher_dir: str) -> None:
         return teacher.TeacherState(step=jnp.zeros((), jnp.int32), params=variables['params'],
                                     batch_stats=variables['batch_stats'], opt_state=tx.init(variables['params']))
     state = jax.jit(init, out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(c.seed))
-    step = teacher.make_train_step(model, tx, info, c.seed, c.teacher.label_smoothing, mesh)
+    teacher_step = teacher.make_train_step(model, tx, info, c.seed, c.teacher.label_smoothing, mesh)
     n = 0
     for epoch in range(c.teacher.epochs):
         for x, y in data.train_batches(dataset, c.teacher.batch_size, seed=c.seed, epoch=epoch):
-            state, _ = step(state, *parallel.global_batch(mesh, x, y))
+            state, _ = teacher_step(state, *parallel.global_batch(mesh, x, y))
             n += 1
             dump.update({f'teacher_{n}:{k}': v for k, v in flat({'params': state.params,
                                                                    'batch_stats': state.batch_stats}).items()})
@@ -64,21 +64,21 @@ def run(out: str, devices: int, teacher_dir: str) -> None:
     for method, bits in (('bag', 3), ('bag', 8), ('gdfq', 3)):
         cc = tiny_config.get_config(method)
         cc.quant.w_bits = cc.quant.a_bits = bits
-        setup = dfq.build_setup(cc, teacher_model, info)
-        iteration = jax.jit(lambda s, e, phase: dfq.train_iteration(setup, s, teacher_variables, e, phase,
+        setup = step.build_setup(settings.parse(cc).dfq, teacher_model, info)
+        iteration = jax.jit(lambda s, e, phase: step.train_iteration(setup, s, teacher_variables, e, phase,
                                                                     parallel.batch_sharded(mesh)), static_argnums=2)
-        one = jax.tree.map(lambda a: a[0], dfq.init_states(setup, teacher_variables, 0, 1, mesh))
+        one = jax.tree.map(lambda a: a[0], step.init_states(setup, teacher_variables, 0, 1, mesh))
         n = 0
         for epoch in range(3):
             for _ in range(cc.iters_per_epoch):
-                one, m = iteration(one, jnp.int32(epoch), dfq.phase_of(setup, epoch))
+                one, m = iteration(one, jnp.int32(epoch), step.phase_of(setup, epoch))
                 n += 1
                 dump.update({f'{method}{bits}_{n}:{k}': v for k, v in flat(
                     {'gen': one.gen_params, 'gen_gradient': one.gen_opt_state.mu, 'stu': one.stu_params,
                      'ranges': one.stu_quant_stats, 'metrics': m}).items()})
         students = jax.tree.map(lambda a: a[None], one)
         result = evaluate.evaluate(dfq.make_student_eval_step(setup, info, mesh),
-                                   dfq.student_variables(students, teacher_variables), dataset, mesh, 200)
+                                   step.student_variables(students, teacher_variables), dataset, mesh, 200)
         dump[f'{method}{bits}_top1'] = np.asarray(result['top1'])
     if jax.process_index() == 0:
         np.savez(out, **dump)

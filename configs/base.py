@@ -14,7 +14,7 @@ Command-line overrides (`--config.quant.w_bits=4`) change single fields after th
 import ml_collections
 from ml_collections import config_dict
 
-from bag_jax.validation import METHODS
+from bag_jax.methods import METHODS
 
 
 def get_config(method: str = 'bag') -> ml_collections.ConfigDict:

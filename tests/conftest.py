@@ -38,9 +38,9 @@ def tiny_config(method: str = 'bag'):
 @pytest.fixture(scope='session')
 def digits_teacher(tmp_path_factory):
     """A depth-8 ResNet teacher trained for 2 epochs on digits, shared by the tests that need one."""
-    from bag_jax import teacher
+    from bag_jax import settings, teacher
     workdir = tmp_path_factory.mktemp('digits_teacher')
-    return teacher.train_teacher(tiny_config(), str(workdir))
+    return teacher.train_teacher(settings.parse(tiny_config()), str(workdir))
 
 
 def interrupted(monkeypatch, run, *, epoch: int, phase: str):

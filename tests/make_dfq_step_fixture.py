@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bag_jax import bench, data, dfq, parallel  # noqa: E402
+from bag_jax import bench, data, parallel, settings, step  # noqa: E402
 from tests import tiny_config, trajectories  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'dfq_one_step.npz')
@@ -32,7 +32,7 @@ def setup_for(method: str):
     """The tiny config's setup for `method` around the random teacher; (setup, teacher variables)."""
     c = tiny_config.get_config(method)
     model, variables = bench.random_teacher(INFO, {'arch': 'resnet_cifar', 'depth': 8, 'num_classes': 10}, seed=0)
-    return dfq.build_setup(c, model, INFO), jax.tree.map(np.asarray, variables)
+    return step.build_setup(settings.parse(c).dfq, model, INFO), jax.tree.map(np.asarray, variables)
 
 
 def one_steps() -> dict[str, np.ndarray]:

@@ -58,7 +58,7 @@ def one_step_results(teacher_dir: str) -> dict[str, np.ndarray]:
     import jax.numpy as jnp
     from jax.experimental import multihost_utils
 
-    from bag_jax import checkpoint, data, dfq, parallel, teacher
+    from bag_jax import checkpoint, data, parallel, settings, step, teacher
     from bag_jax.models import ResNetCifar
     from tests import trajectories
 
@@ -70,7 +70,7 @@ def one_step_results(teacher_dir: str) -> dict[str, np.ndarray]:
     x, y = parallel.global_batch(mesh, x, y)
     out = {'data/teacher_labels': np.asarray(multihost_utils.process_allgather(y, tiled=True))}
     model = ResNetCifar(num_classes=info.num_classes, depth=c.teacher.depth)
-    tx = teacher.teacher_optimizer(c.teacher, 100)
+    tx = teacher.teacher_optimizer(settings.parse(c).teacher, 100)
     variables = model.init(jax.random.PRNGKey(c.seed), jnp.zeros((1,) + info.image_shape))
     start = parallel.replicate(teacher.TeacherState(
         step=jnp.zeros((), jnp.int32), params=variables['params'], batch_stats=variables['batch_stats'],
@@ -81,7 +81,7 @@ def one_step_results(teacher_dir: str) -> dict[str, np.ndarray]:
     out.update({f'teacher/batch_stats/{k}': v for k, v in trajectories.flat(after.batch_stats).items()})
 
     teacher_model, teacher_variables, _ = checkpoint.load_teacher(teacher_dir)
-    setup = dfq.build_setup(c, teacher_model, info)
+    setup = step.build_setup(settings.parse(c).dfq, teacher_model, info)
     out.update(trajectories.dfq_one_step(setup, teacher_variables, mesh, c.seed))
     return out
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from bag_jax import bench
+from bag_jax import bench, settings
 from tests.conftest import tiny_config
 
 
@@ -14,7 +14,7 @@ def test_bench_reports_every_field():
     c = tiny_config('bag')
     c.sweep = {'loss.channel_attention': (0.0, 5.0)}
     before = c.to_dict()
-    result = bench.run_bench(c, steps=2, repeats=1)
+    result = bench.run_bench(settings.parse(c), steps=2, repeats=1)
     assert c.to_dict() == before, 'run_bench changed its caller\'s config'
     assert result['steps'] == 2
     assert result['compiled_while_timed'] == 0, 'a timed call compiled a program: the times include XLA'

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from bag_jax import validation
+from bag_jax import settings
 from configs import (base, cifar100_teacher, cifar100_w3a3, cifar100_w4a4, cifar100_w5a5, cifar10_teacher,
                      cifar10_w3a3, cifar10_w4a4, cifar10_w5a5, digits_w3a3, imagenet_mobilenetv2_w4a4,
                      imagenet_resnet18_w4a4, imagenet_resnet50_w4a4)
@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.parametrize('method', ['gdfq', 'adadfq', 'bag'])
 def test_quantization_configs_validate(module, method):
     c = module.get_config(method)
-    validation.validate_config(c)
+    settings.parse(c)
     assert c.method == method and c.mode == 'quantize'
 
 
@@ -69,21 +69,21 @@ def test_imagenet_data_needs_a_teacher_checkpoint():
     c = imagenet_resnet18_w4a4.get_config()
     c.teacher.checkpoint = None
     with pytest.raises(ValueError, match=r"data.name='imagenet2012' holds evaluation images only.*pytorchcv:resnet18"):
-        validation.validate_config(c)
+        settings.parse(c)
     c.generator.conditioning = 'film'
     c.teacher.checkpoint = 'pytorchcv:resnet18'
     with pytest.raises(ValueError, match="generator.conditioning='film' is not allowed"):
-        validation.validate_config(c)
+        settings.parse(c)
 
 
 def test_other_configs_validate():
-    validation.validate_config(cifar100_teacher.get_config())
+    settings.parse(cifar100_teacher.get_config())
     assert cifar10_teacher.get_config().data.name == 'cifar10'
     c = evaluate_config.get_config()
     with pytest.raises(ValueError, match='checkpoint is unset'):
-        validation.validate_config(c)
+        settings.parse(c)
     c.checkpoint = '/some/dir'
-    validation.validate_config(c)
+    settings.parse(c)
 
 
 BAD_VALUES = [
@@ -127,7 +127,7 @@ def with_field(c, field: str, value):
 def test_bad_values_name_the_field(field, value, message):
     c = with_field(cifar100_w3a3.get_config(), field, value)
     with pytest.raises(ValueError, match=message):
-        validation.validate_config(c)
+        settings.parse(c)
 
 
 NON_FINITE = [
@@ -146,7 +146,7 @@ NON_FINITE = [
 def test_non_finite_numbers_are_refused_naming_field_value_and_what_is_allowed(field, value, message):
     c = with_field(cifar100_w3a3.get_config(), field, value)
     with pytest.raises(ValueError, match=message + r'.*\(nan, inf and -inf are refused\)'):
-        validation.validate_config(c)
+        settings.parse(c)
 
 
 def test_non_finite_numbers_are_refused_in_every_mode():
@@ -155,12 +155,12 @@ def test_non_finite_numbers_are_refused_in_every_mode():
     c.student.lr = float('inf')
     with pytest.raises(ValueError, match=r'student\.lr=inf is not allowed: use a finite number \(nan, inf and -inf '
                                          r'are refused\)'):
-        validation.validate_config(c)
+        settings.parse(c)
     c = evaluate_config.get_config()
     c.checkpoint = '/some/dir'
     c.data.digits_test_fraction = float('nan')
     with pytest.raises(ValueError, match=r'data\.digits_test_fraction=nan is not allowed: use a finite number'):
-        validation.validate_config(c)
+        settings.parse(c)
 
 
 def test_evaluate_leaves_unset_data_fields_to_the_checkpoint():
@@ -169,19 +169,19 @@ def test_evaluate_leaves_unset_data_fields_to_the_checkpoint():
     c = evaluate_config.get_config()
     c.checkpoint = '/some/dir'
     assert (c.data.name, c.data.npz_path, c.data.digits_test_fraction, c.data.image_size) == (None, None, None, None)
-    validation.validate_config(c)
+    settings.parse(c)
     c.data.name = 'npz'
-    validation.validate_config(c)
+    settings.parse(c)
     c.data.image_size = 0
     with pytest.raises(ValueError, match='data.image_size=0 is not allowed'):
-        validation.validate_config(c)
+        settings.parse(c)
 
 
 def test_npz_needs_a_path():
     c = digits_w3a3.get_config()
     c.data.name = 'npz'
     with pytest.raises(ValueError, match='data.npz_path'):
-        validation.validate_config(c)
+        settings.parse(c)
 
 
 def run_cli(*args, timeout=300, env=None):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bag_jax import checkpoint, data, dfq, experiment, losses, metrics, parallel
+from bag_jax import checkpoint, data, dfq, experiment, layouts, losses, metrics, parallel, settings, step
 from bag_jax.models import Generator, ResNetCifar
 from configs import evaluate as evaluate_config
 from tests import trajectories
@@ -32,7 +32,7 @@ def config_with(digits_teacher, method_name='bag', **overrides):
 def make_setup(config):
     model, variables, meta = checkpoint.load_teacher(config.teacher.checkpoint)
     info = data.DatasetInfo.from_dict(meta['data'])
-    return dfq.build_setup(config, model, info), variables
+    return step.build_setup(settings.parse(config).dfq, model, info), variables
 
 
 def trees_equal(a, b):
@@ -40,30 +40,31 @@ def trees_equal(a, b):
 
 
 def test_learning_rate_milestones():
-    lr = lambda e: float(dfq.learning_rate(1e-4, jnp.int32(e), (100, 200, 300), 0.1))
+    lr = lambda e: float(step.learning_rate(1e-4, jnp.int32(e), (100, 200, 300), 0.1))
     assert [lr(0), lr(99)] == pytest.approx([1e-4, 1e-4])
     assert [lr(100), lr(199), lr(200), lr(300), lr(399)] == pytest.approx([1e-5, 1e-5, 1e-6, 1e-7, 1e-7])
 
 
 def test_methods_and_ablations_build_the_right_networks(digits_teacher):
     setup, _ = make_setup(config_with(digits_teacher, 'bag'))
-    assert setup.generator.w_bits == 3 and setup.generator.a_bits is None
-    assert setup.student.w_bits == 3 and setup.student.a_bits == 3
-    assert setup.loss['channel_attention'] > 0 and setup.loss['bns'] == 1.0
+    assert setup.generator.quant.w_bits == 3 and setup.generator.quant.a_bits is None
+    assert setup.student.quant.w_bits == 3 and setup.student.quant.a_bits == 3
+    assert setup.hypers.channel_attention > 0 and setup.hypers.bns == 1.0 and setup.distill
     setup, _ = make_setup(config_with(digits_teacher, 'bag', **{'generator.quantize': False,
                                                                 'generator.quantize_activations': True}))
-    assert setup.generator.w_bits is None and setup.generator.a_bits == 3
+    assert setup.generator.quant.w_bits is None and setup.generator.quant.a_bits == 3
     setup, _ = make_setup(config_with(digits_teacher, 'adadfq'))
-    assert setup.generator.w_bits is None and setup.loss['channel_attention'] == 0
+    assert setup.generator.quant is None and setup.hypers.channel_attention == 0 and not setup.distill
     setup, _ = make_setup(config_with(digits_teacher, 'gdfq', **{'quant.w_bits': 4, 'quant.a_bits': 32}))
-    assert setup.loss['bns'] == 0.1 and setup.student.w_bits == 4 and setup.student.a_bits is None
+    assert setup.hypers.bns == 0.1 and setup.student.quant.w_bits == 4 and setup.student.quant.a_bits is None
+    assert setup.method.name == 'gdfq' and not setup.method.generator_sees_student
 
 
 @pytest.mark.parametrize('layers,count', [('branch', 3), ('unit_out', 3), ('stage_out', 3), ('conv', 9)])
 def test_distilled_feature_selection(digits_teacher, layers, count):
     model, variables, _ = checkpoint.load_teacher(digits_teacher)
     _, col = model.apply(variables, jnp.zeros((2, 8, 8, 1)), mutable=['features', 'bn_inputs'])
-    feats = dfq.distilled_features(col, layers)
+    feats = step.distilled_features(col, layers)
     assert len(feats) == count
     assert [f.shape[-1] for f in feats][-1] == 64
 
@@ -73,9 +74,9 @@ def test_stage_out_takes_the_last_unit_of_each_stage():
     units = [(1, 1), (2, 1), (2, 2), (2, 10), (3, 1), (1, 2), (2, 3)]
     features = {f'stage{s}_unit{u}': {'out': jnp.full((1,), 100 * s + u), 'branch': jnp.zeros((1,))}
                 for s, u in units}
-    outs = dfq.distilled_features({'features': features}, 'stage_out')
+    outs = step.distilled_features({'features': features}, 'stage_out')
     assert [int(o[0]) for o in outs] == [102, 210, 301]
-    outs = dfq.distilled_features({'features': features}, 'unit_out')
+    outs = step.distilled_features({'features': features}, 'unit_out')
     assert [int(o[0]) for o in outs] == [101, 102, 201, 202, 203, 210, 301]
 
 
@@ -98,27 +99,27 @@ def test_phase_programs_give_the_results_of_the_traced_phases():
 def test_each_phase_compiles_once_and_skips_what_it_does_not_need(digits_teacher):
     c = config_with(digits_teacher, 'adadfq', **{'warmup_epochs': 2, 'calibration_epochs': 1})
     setup, variables = make_setup(c)
-    phases = [dfq.phase_of(setup, e) for e in range(4)]
-    assert phases == [dfq.Phase(True, False), dfq.Phase(False, False), dfq.Phase(False, True), dfq.Phase(False, True)]
-    state = dfq.init_states(setup, variables, 0, 1, parallel.make_mesh(jax.devices()[:1]))
+    phases = [step.phase_of(setup, e) for e in range(4)]
+    assert phases == [step.Phase(True, False), step.Phase(False, False), step.Phase(False, True), step.Phase(False, True)]
+    state = step.init_states(setup, variables, 0, 1, parallel.make_mesh(jax.devices()[:1]))
     one = jax.tree.map(lambda a: a[0], state)
 
     def count(phase, op):
         """How many `op` instructions XLA keeps in the phase's compiled iteration (dead code removed)."""
-        compiled = jax.jit(lambda s: dfq.train_iteration(setup, s, variables, jnp.int32(0), phase)).lower(one).compile()
+        compiled = jax.jit(lambda s: step.train_iteration(setup, s, variables, jnp.int32(0), phase)).lower(one).compile()
         return compiled.as_text().count(f' {op}(')
 
     student_convs = 9      # depth 8: the first conv, two per unit, two 1x1 shortcuts
     convs = {phase: count(phase, 'convolution') for phase in set(phases)}
     # While calibrating, the student step runs its own forward; afterwards it reuses the generator
     # step's. (XLA merges the two forwards' first conv: same images, same quantized kernel.)
-    assert student_convs - 1 <= convs[dfq.Phase(True, False)] - convs[dfq.Phase(False, False)] <= student_convs
+    assert student_convs - 1 <= convs[step.Phase(True, False)] - convs[step.Phase(False, False)] <= student_convs
     # Only a training student has a backward pass of its own: its loss's cotangent through every
     # conv but the first (input gradients) and a kernel gradient for every conv.
-    assert convs[dfq.Phase(False, True)] - convs[dfq.Phase(False, False)] == 2 * student_convs - 1
+    assert convs[step.Phase(False, True)] - convs[step.Phase(False, False)] == 2 * student_convs - 1
     # Frozen ranges are not reduced: the calibrating program has more min/max reductions.
-    assert count(dfq.Phase(True, False), 'reduce') > count(dfq.Phase(False, False), 'reduce')
-    epoch_fn = dfq.make_train_epoch(setup, parallel.make_mesh(jax.devices()[:1]), 1, loop='python')
+    assert count(step.Phase(True, False), 'reduce') > count(step.Phase(False, False), 'reduce')
+    epoch_fn = layouts.make_train_epoch(setup, parallel.make_mesh(jax.devices()[:1]), 1, loop='python')
     teacher_vars = parallel.replicate(variables, parallel.make_mesh(jax.devices()[:1]))
     for epoch in range(4):
         state, _ = epoch_fn(state, teacher_vars, jnp.int32(epoch))
@@ -126,13 +127,13 @@ def test_each_phase_compiles_once_and_skips_what_it_does_not_need(digits_teacher
 
 
 def run_iteration(setup, variables, state, epoch):
-    return jax.jit(lambda s: dfq.train_iteration(setup, s, variables, jnp.int32(epoch), dfq.phase_of(setup, epoch)))(state)
+    return jax.jit(lambda s: step.train_iteration(setup, s, variables, jnp.int32(epoch), step.phase_of(setup, epoch)))(state)
 
 
 @pytest.mark.parametrize('method,updates_per_iteration', [('adadfq', 2), ('bag', 2), ('gdfq', 1)])
 def test_warmup_calibration_then_finetuning(digits_teacher, method, updates_per_iteration):
     setup, variables = make_setup(config_with(digits_teacher, method, **{'quant.range_rule': 'reference'}))
-    state = dfq.init_state(setup, variables, seed=0)
+    state = step.init_state(setup, variables, seed=0)
     assert trees_equal(state.stu_params, variables['params'])            # Q starts as the teacher
 
     # Epoch 0: ranges calibrate (one update per student forward), only the generator steps.
@@ -155,7 +156,7 @@ def test_generator_learns_through_the_student_only_in_adadfq(digits_teacher):
     """AdaDFQ's L_G reaches G through Q's fake quantizers (docs/algorithms.md 9.11); GDFQ's does not use Q."""
     for method, depends in [('adadfq', True), ('gdfq', False)]:
         setup, variables = make_setup(config_with(digits_teacher, method))
-        state = dfq.init_state(setup, variables, seed=0)
+        state = step.init_state(setup, variables, seed=0)
         other = state.replace(stu_params=jax.tree.map(lambda p: p * 1.5, state.stu_params))
         a, _ = run_iteration(setup, variables, state, 0)
         b, _ = run_iteration(setup, variables, other, 0)
@@ -178,8 +179,8 @@ def test_one_program_for_every_epoch_and_sharding_gives_the_single_device_result
     results = {}
     for name, (devices, loop) in layouts.items():
         mesh = parallel.make_mesh(devices)
-        state = dfq.init_states(setup, variables, 0, 1, mesh)
-        epoch_fn = dfq.make_train_epoch(setup, mesh, num_seeds=1, loop=loop)
+        state = step.init_states(setup, variables, 0, 1, mesh)
+        epoch_fn = layouts.make_train_epoch(setup, mesh, num_seeds=1, loop=loop)
         teacher_vars = parallel.replicate(variables, mesh)
         for epoch in range(3):
             state, _ = epoch_fn(state, teacher_vars, jnp.int32(epoch))
@@ -235,24 +236,24 @@ def test_end_to_end(digits_teacher, tmp_path, method):
 
 def test_interrupted_run_resumes_exactly(digits_teacher, tmp_path, monkeypatch):
     c = config_with(digits_teacher, 'bag', epochs=3)
-    reference = dfq.train_and_evaluate(c, str(tmp_path / 'a'))
+    reference = dfq.train_and_evaluate(settings.parse(c), str(tmp_path / 'a'))
 
-    interrupted(monkeypatch, lambda: dfq.train_and_evaluate(c, str(tmp_path / 'b')), epoch=2, phase='bag')
-    resumed = dfq.train_and_evaluate(c, str(tmp_path / 'b'))
+    interrupted(monkeypatch, lambda: dfq.train_and_evaluate(settings.parse(c), str(tmp_path / 'b')), epoch=2, phase='bag')
+    resumed = dfq.train_and_evaluate(settings.parse(c), str(tmp_path / 'b'))
     for key in ('best_top1', 'last_top1', 'ptq_top1', 'best_epoch'):
         assert resumed[key] == reference[key]
     a = checkpoint.load_model(str(tmp_path / 'a' / 'student'))[2]
     b = checkpoint.load_model(str(tmp_path / 'b' / 'student'))[2]
     jax.tree.map(np.testing.assert_array_equal, a, b)
     # Started once more, the finished run trains nothing and keeps its student.
-    assert dfq.train_and_evaluate(c, str(tmp_path / 'b')) == resumed
+    assert dfq.train_and_evaluate(settings.parse(c), str(tmp_path / 'b')) == resumed
 
 
 def test_non_finite_loss_stops_with_the_epoch_and_the_loss(digits_teacher, tmp_path, monkeypatch):
     c = config_with(digits_teacher, 'adadfq')
     monkeypatch.setattr(losses, 'adadfq_student_loss', lambda *a, **k: jnp.float32(jnp.nan))
     with pytest.raises(FloatingPointError, match=r'epoch 1: loss_s is \[nan\].*none yet'):
-        dfq.train_and_evaluate(c, str(tmp_path))
+        dfq.train_and_evaluate(settings.parse(c), str(tmp_path))
 
 
 def test_bad_configs_fail_before_compiling(digits_teacher, tmp_path):
@@ -292,13 +293,12 @@ def test_image_grid_of_a_hundred_classes_in_batches(digits_teacher):
     info = data.DatasetInfo(name='many', num_classes=100, image_shape=(8, 8, 1), mean=(0.5,), std=(0.25,),
                             augment='none')
     teacher_model = ResNetCifar(num_classes=100, depth=8)
-    setup = dfq.build_setup(config_with(digits_teacher, 'bag'), teacher_model, info)
+    setup = step.build_setup(settings.parse(config_with(digits_teacher, 'bag')).dfq, teacher_model, info)
     g = setup.generator
     setup = dataclasses.replace(setup, generator=RecordingGenerator(
-        num_classes=g.num_classes, image_shape=g.image_shape, latent_dim=g.latent_dim, w_bits=g.w_bits,
-        a_bits=g.a_bits, range_rule=g.range_rule, ste=g.ste))
+        num_classes=g.num_classes, image_shape=g.image_shape, latent_dim=g.latent_dim, quant=g.quant))
     teacher_variables = teacher_model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))
-    state = dfq.init_states(setup, teacher_variables, 0, 1, parallel.make_mesh())
+    state = step.init_states(setup, teacher_variables, 0, 1, parallel.make_mesh())
     GENERATOR_BATCHES.clear()
     grid = dfq.make_image_grid(setup, seed=0, chunk=32)(state)
     # 10 rows of 8: the 80 images in the largest batch size up to 32 that divides 80, traced once.
@@ -313,7 +313,7 @@ def test_large_images_warn_with_the_expected_memory(digits_teacher, caplog):
     for size, warns in ((32, False), (64, False), (96, True)):
         info = data.DatasetInfo(name='big', num_classes=10, image_shape=(size, size, 3), mean=(0.5,) * 3,
                                 std=(0.25,) * 3, augment='none')
-        setup = dfq.build_setup(c, ResNetCifar(num_classes=10, depth=8), info)
+        setup = step.build_setup(settings.parse(c).dfq, ResNetCifar(num_classes=10, depth=8), info)
         caplog.clear()
         with caplog.at_level(logging.WARNING):
             estimate = dfq.warn_about_memory(setup, info)
@@ -330,7 +330,7 @@ def test_teacher_that_does_not_fit_the_data(digits_teacher, tmp_path):
              x_test=rng.integers(0, 256, (9, 8, 8), np.uint8), y_test=np.arange(9) % 3)
     c = config_with(digits_teacher, 'bag', **{'data.name': 'npz', 'data.npz_path': str(path)})
     with pytest.raises(ValueError, match=r"teacher.checkpoint was made for 'digits' \(10 classes.*has 3 classes"):
-        dfq.train_and_evaluate(c, str(tmp_path / 'w'))
+        dfq.train_and_evaluate(settings.parse(c), str(tmp_path / 'w'))
 
 
 def test_one_command_trains_the_teacher_first(tmp_path):
@@ -344,7 +344,7 @@ def test_one_command_trains_the_teacher_first(tmp_path):
 
 
 def test_several_seeds_report_each_and_mean_std(digits_teacher, tmp_path):
-    summary = dfq.train_and_evaluate(config_with(digits_teacher, 'bag', num_seeds=2, seed=5), str(tmp_path))
+    summary = dfq.train_and_evaluate(settings.parse(config_with(digits_teacher, 'bag', num_seeds=2, seed=5)), str(tmp_path))
     per_seed = summary['per_seed']
     assert per_seed['seed'] == [5, 6] and summary['num_seeds'] == 2
     assert summary['best_top1']['mean'] == pytest.approx(np.mean(per_seed['best_top1']))

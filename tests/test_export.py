@@ -13,6 +13,7 @@ import pytest
 
 from bag_jax import checkpoint, data, export, integer_inference
 from bag_jax.models import ResNetCifar
+from bag_jax.quant import QuantSpec
 from tests.conftest import tiny_config
 
 
@@ -35,7 +36,7 @@ def ptq_student(teacher_dir, w_bits, a_bits):
     calibrated on 250 training digits. Returns (model, variables, meta, dataset)."""
     _, variables, meta = checkpoint.load_teacher(teacher_dir)
     dataset = data.load_dataset(tiny_config().data)
-    model = ResNetCifar(num_classes=10, depth=meta['depth'], w_bits=w_bits, a_bits=a_bits)
+    model = ResNetCifar(num_classes=10, depth=meta['depth'], quant=QuantSpec(w_bits, a_bits))
     stats = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))['quant_stats']
     images = data.normalize(dataset.x_train[:250], dataset.info)
     for start in range(0, 250, 50):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bag_jax import checkpoint, data, evaluate, parallel, validation
+from bag_jax import checkpoint, data, evaluate, parallel, settings
 from configs import base
 
 WNIDS = data.imagenet_class_ids()
@@ -334,7 +334,7 @@ def test_evaluate_mode_on_an_imagefolder(tmp_path, wnid_folder):
     config = ml_collections.ConfigDict({
         'mode': 'evaluate', 'checkpoint': directory, 'eval_batch_size': 8,
         'data': data_config('imagefolder', imagefolder_dir=wnid_folder[0], image_size=24)})
-    summary = evaluate.run_evaluation(config, str(tmp_path / 'work'))
+    summary = evaluate.run_evaluation(settings.parse(config), str(tmp_path / 'work'))
     assert summary['images'] == 10
     assert summary['top1'] == pytest.approx(40.0) and summary['top5'] == pytest.approx(100.0)
 
@@ -348,22 +348,22 @@ def test_validate_data_fields():
     assert (c.data.image_size, c.data.imagefolder_dir) == (224, None)
     c.data.name = 'imagefolder'
     with pytest.raises(ValueError, match=r"data\.name='imagefolder' needs data\.imagefolder_dir"):
-        validation.validate_data(c)
+        settings.parse_data(c)
     c.data.imagefolder_dir = '/some/val'
-    validation.validate_data(c)
+    settings.parse_data(c)
     c.data.image_size = 0
     with pytest.raises(ValueError, match=r'data\.image_size=0 is not allowed: use an integer of at least 1'):
-        validation.validate_data(c)
+        settings.parse_data(c)
     c.data.image_size = 160
     c.data.imagefolder_dir = ''
     with pytest.raises(ValueError, match=r"data\.imagefolder_dir='' is not allowed"):
-        validation.validate_data(c)
+        settings.parse_data(c)
     c.data.imagefolder_dir = '/some/val'
     c.mode = 'teacher'
     with pytest.raises(ValueError, match=r"data\.name='imagefolder' holds evaluation images only"):
-        validation.validate_data(c)
+        settings.parse_data(c)
     c.data.name, c.mode = 'imagenet2012', 'evaluate'
-    validation.validate_data(c)
+    settings.parse_data(c)
 
 
 def test_check_compatible_lets_imagenet_data_choose_the_size():

@@ -25,6 +25,7 @@ import pytest
 
 from bag_jax import checkpoint, convert, losses, quant
 from bag_jax.models import MobileNetV2, ResNet, bn_input_pairs, registry, unit_features
+from bag_jax.quant import QuantSpec
 from tests.test_models import _quantize_kernels_numpy
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'imagenet')
@@ -146,7 +147,7 @@ def test_bn_inputs_and_unit_features_follow_the_conventions(converted):
 @pytest.mark.parametrize('arch', list(FULL))
 def test_full_architecture_counts(arch, monkeypatch):
     model, params, bns, quant_acts, quantized_layers, _ = FULL[arch]
-    student = registry.quantized(model, 4, 4)
+    student = registry.quantized(model, QuantSpec(4, 4))
     calls = []
     real = quant.quantize_weight
 
@@ -179,8 +180,8 @@ def test_registry_round_trip(arch):
     description = registry.describe(model)
     assert description['arch'] == ('mobilenetv2' if arch.startswith('mobilenet') else 'resnet')
     assert registry.build(json.loads(json.dumps(description))) == model
-    student = registry.quantized(model, 3, 4)
-    assert (student.w_bits, student.a_bits) == (3, 4) and registry.describe(student) == description
+    student = registry.quantized(model, QuantSpec(3, 4))
+    assert (student.quant.w_bits, student.quant.a_bits) == (3, 4) and registry.describe(student) == description
 
 
 @pytest.mark.parametrize('bad', [(), ((64,), ()), ((64, 0),), ((64, 64.0),)])
@@ -197,7 +198,7 @@ def test_mobilenetv2_student_quantizes_every_conv_per_output_channel():
     """Depthwise kernels (3, 3, 1, C) and the 1x1 classifier (1, 1, 1280, classes) included: the
     student equals the teacher run on numpy-quantized kernels."""
     teacher, variables = convert.load_pytorchcv(os.path.join(FIXTURES, 'mobilenetv2_w1_wd4.pth'))
-    student = registry.quantized(teacher, 3, None)
+    student = registry.quantized(teacher, QuantSpec(3, None))
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
     run_teacher, run_student = jax.jit(teacher.apply), jax.jit(student.apply)
     expected = run_teacher({'params': _quantize_kernels_numpy(variables['params'], 3),
@@ -210,7 +211,7 @@ def test_mobilenetv2_student_quantizes_every_conv_per_output_channel():
 @pytest.mark.parametrize('name', ['resnet18_wd4', 'mobilenetv2_w1_wd4'])
 def test_student_calibrates_and_runs(name):
     teacher, variables = convert.load_pytorchcv(os.path.join(FIXTURES, f'{name}.pth'))
-    student = registry.quantized(teacher, 4, 4)
+    student = registry.quantized(teacher, QuantSpec(4, 4))
     x = jax.random.normal(jax.random.PRNGKey(1), (4, 64, 64, 3))
 
     @jax.jit

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bag_jax import checkpoint, convert, data
+from bag_jax import checkpoint, convert, data, settings
 from tests.conftest import CACHE_ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,7 +78,7 @@ def test_quantizes_and_resumes_through_the_imagenet_path(imagenet_run):
     assert sorted(os.listdir(os.path.join(workdir, 'images'))) == ['epoch_0001.png', 'epoch_0002.png']
     kind, model, variables, meta = checkpoint.load_model(os.path.join(workdir, 'student'))
     assert kind == 'student' and meta['arch'] == 'resnet' and meta['num_classes'] == 1000
-    assert (model.w_bits, model.a_bits) == (4, 4) and meta['epochs'] == 2
+    assert (model.quant.w_bits, model.quant.a_bits) == (4, 4) and meta['epochs'] == 2
     assert meta['data']['mean'] == list(data.IMAGENET_MEAN)
 
 
@@ -91,7 +91,7 @@ def test_evaluates_the_student_on_the_imagefolder(imagenet_run, tmp_path):
     c.data.imagefolder_dir = imagenet_run['folder']
     c.data.image_size = IMAGE_SIZE
     c.eval_batch_size = 8
-    summary = evaluate.run_evaluation(c, str(tmp_path))
+    summary = evaluate.run_evaluation(settings.parse(c), str(tmp_path))
     assert summary['images'] == CLASSES * PER_CLASS and summary['kind'] == 'student'
     # The same student, the same images: the last epoch's top-1 of the run.
     with open(os.path.join(imagenet_run['workdir'], 'summary.json')) as f:

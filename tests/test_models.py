@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from bag_jax.models import Generator, ResNetCifar, bn_input_pairs, generator, unit_features
+from bag_jax.quant import QuantSpec
 from tests.test_quant import numpy_reference
 from tests.trajectories import assert_rounding_close, flat
 
@@ -61,7 +62,7 @@ def test_bad_depth(depth):
 
 @pytest.mark.parametrize('shape,classes', [((32, 32, 3), 100), ((8, 8, 1), 10), ((28, 28, 1), 10)])
 def test_resnet_shapes_follow_the_data(shape, classes):
-    model = ResNetCifar(num_classes=classes, w_bits=3, a_bits=3)
+    model = ResNetCifar(num_classes=classes, quant=QuantSpec(3, 3))
     variables = init_resnet(model, shape)
     assert count(variables['params']) == resnet_param_count(20, classes, shape[-1])
     x = jax.random.normal(jax.random.PRNGKey(1), (3,) + shape)
@@ -127,7 +128,7 @@ def test_student_quantizes_every_conv_and_the_dense_head():
     teacher = ResNetCifar(num_classes=10)
     variables = init_resnet(teacher, (8, 8, 1))
     x = jax.random.normal(jax.random.PRNGKey(3), (4, 8, 8, 1))
-    student = ResNetCifar(num_classes=10, w_bits=3)
+    student = ResNetCifar(num_classes=10, quant=QuantSpec(w_bits=3))
     expected = teacher.apply({'params': _quantize_kernels_numpy(variables['params'], 3),
                               'batch_stats': variables['batch_stats']}, x)
     np.testing.assert_allclose(student.apply(variables, x), expected, rtol=1e-4, atol=1e-4)
@@ -135,7 +136,7 @@ def test_student_quantizes_every_conv_and_the_dense_head():
 
 
 def test_student_activations_take_at_most_two_to_the_bits_values():
-    student = ResNetCifar(num_classes=10, w_bits=3, a_bits=3)
+    student = ResNetCifar(num_classes=10, quant=QuantSpec(3, 3))
     variables = init_resnet(student, (8, 8, 1))
     assert len(jax.tree.leaves(variables['quant_stats'])) == 3 * 19    # a QuantAct after each ReLU
     x = jax.random.normal(jax.random.PRNGKey(4), (8, 8, 8, 1))
@@ -172,7 +173,7 @@ def test_generator_output_is_standardized_per_channel_over_the_batch():
 
 def test_bag_generator_quantizes_linear_and_conv_weights_only():
     fp = Generator(num_classes=10, image_shape=(8, 8, 1), latent_dim=16)
-    bag = Generator(num_classes=10, image_shape=(8, 8, 1), latent_dim=16, w_bits=3)
+    bag = Generator(num_classes=10, image_shape=(8, 8, 1), latent_dim=16, quant=QuantSpec(w_bits=3))
     z, y = jax.random.normal(jax.random.PRNGKey(1), (6, 16)), jnp.arange(6)
     v = fp.init(jax.random.PRNGKey(0), z, y)
     expected = fp.apply({'params': _quantize_kernels_numpy(v['params'], 3)}, z, y)   # embedding stays FP
@@ -222,7 +223,7 @@ def test_generator_matches_the_upsample_then_conv_layers(monkeypatch):
     convs against the same generator with the reference's upsample-then-conv layers: the loss and
     the parameter gradients, relative to the whole gradient's largest entry (the conv biases
     before a batch-statistics BN have gradients that are zero up to rounding)."""
-    gen = Generator(num_classes=10, image_shape=(8, 8, 3), latent_dim=16, w_bits=3, a_bits=3)
+    gen = Generator(num_classes=10, image_shape=(8, 8, 3), latent_dim=16, quant=QuantSpec(3, 3))
     z, y = jax.random.normal(jax.random.PRNGKey(1), (6, 16)), jnp.arange(6)
     v = gen.init(jax.random.PRNGKey(0), z, y)
     weights = jax.random.normal(jax.random.PRNGKey(2), (6, 8, 8, 3))
@@ -240,7 +241,7 @@ def test_generator_matches_the_upsample_then_conv_layers(monkeypatch):
 
 
 def test_generator_activation_quantizers():
-    gen = Generator(num_classes=10, image_shape=(8, 8, 1), latent_dim=16, w_bits=3, a_bits=3)
+    gen = Generator(num_classes=10, image_shape=(8, 8, 1), latent_dim=16, quant=QuantSpec(3, 3))
     z, y = jax.random.normal(jax.random.PRNGKey(1), (6, 16)), jnp.arange(6)
     v = gen.init(jax.random.PRNGKey(0), z, y)
     assert set(v['quant_stats']) == {'act_quant1', 'act_quant2'}
@@ -291,7 +292,8 @@ def test_imagenet_generator_conditions_through_batchnorm_only():
         if path[0].key.startswith('bn') else a, v['params'])
     a, b = gen.apply({'params': tables}, z, jnp.zeros((6,), jnp.int32)), gen.apply({'params': tables}, z, jnp.arange(6))
     assert not np.allclose(a, b, atol=1e-3)
-    bag = Generator(num_classes=10, image_shape=(8, 8, 3), latent_dim=16, conditioning='batchnorm', w_bits=3)
+    bag = Generator(num_classes=10, image_shape=(8, 8, 3), latent_dim=16, conditioning='batchnorm',
+                    quant=QuantSpec(w_bits=3))
     expected = gen.apply({'params': _quantize_kernels_numpy(tables, 3)}, z, jnp.arange(6))   # tables stay FP
     np.testing.assert_allclose(bag.apply({'params': tables}, z, jnp.arange(6)), expected, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="generator.conditioning='film'"):

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from bag_jax import checkpoint, dfq, metrics, parallel
+from bag_jax import checkpoint, dfq, layouts, metrics, parallel, settings
 from tests.multiprocess_worker import LOCAL_DEVICES, multiprocess_config, one_step_results
 from tests.trajectories import (QUANTIZED_ONE_STEP_SPREAD, WHOLE_RUN_ACCURACY_SPREAD, WHOLE_RUN_PARAMETER_SPREAD,
                                 assert_one_step_close, assert_rounding_close, flat)
@@ -164,7 +164,7 @@ def test_two_processes_train_quantize_and_resume_as_one(digits_teacher, tmp_path
 
     # Quantization of that same teacher by one process, uninterrupted (4 iterations).
     c.teacher.checkpoint = str(workdir / 'teacher')
-    reference = dfq.train_and_evaluate(c, str(tmp_path / 'one_process'))
+    reference = dfq.train_and_evaluate(settings.parse(c), str(tmp_path / 'one_process'))
     accuracies = ('teacher_top1', 'ptq_top1', 'best_top1', 'last_top1')
     # What rounding cannot change; the runs' and groups' accuracies are compared below.
     counted = lambda summary: {k: v for k, v in without_time(summary).items()

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bag_jax import checkpoint, experiment, metrics, workdir
+from bag_jax import checkpoint, experiment, metrics, settings, workdir
 from configs import evaluate as evaluate_config
 from tests.conftest import CACHE_ENV, NUM_TEST_DEVICES, tiny_config
 
@@ -238,7 +238,7 @@ def test_a_changed_config_is_refused_and_more_epochs_extend_the_run(digits_teach
     path = str(tmp_path / 'run')
     first = experiment.run(c, path)
     with open(os.path.join(path, 'config.json')) as f:
-        assert json.load(f) == workdir.config_record(c)
+        assert json.load(f) == settings.parse(c).record
     student = lambda: checkpoint.load_model(os.path.join(path, 'student'))
 
     other = drill_config()

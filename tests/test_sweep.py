@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bag_jax import checkpoint, dfq, experiment, metrics, parallel, report, sweep, validation
+from bag_jax import checkpoint, dfq, experiment, layouts, metrics, parallel, report, settings, step, sweep
 from tests import trajectories
 from tests.conftest import interrupted, tiny_config
 from tests.test_dfq import config_with, make_setup
@@ -23,19 +23,19 @@ def test_runs_are_the_product_of_the_sweep_values_times_the_seeds():
     c = tiny_config('bag')
     c.seed, c.num_seeds = 3, 2
     c.sweep = {'loss.channel_attention': (0, 5.0), 'student.lr': (1e-4, 1e-3, 1e-2)}
-    runs = sweep.runs_of(c)
+    runs = list(settings.parse(c).dfq.runs)
     assert len(runs) == 12 and [r.seed for r in runs[:4]] == [3, 4, 3, 4]
     assert runs[0].overrides == (('loss.channel_attention', 0.0), ('student.lr', 1e-4))
     assert runs[-1].name == 'loss.channel_attention=5,student.lr=0.01_seed4'
-    hp = sweep.hyperparameters(c)
+    hp = settings.parse(c).dfq.swept_values()
     np.testing.assert_array_equal(hp['student.lr'], np.float32([1e-4, 1e-4, 1e-3, 1e-3, 1e-2, 1e-2] * 2))
     # Each run alone: its seed and its values, no sweep.
-    alone = sweep.run_configs(c)[5]
+    alone = settings.run_configs(c)[5]
     assert (alone.seed, alone.num_seeds, alone.sweep, alone.student.lr, alone.loss.channel_attention) == (
         4, 1, None, 1e-2, 0.0)
     # No sweep: the seeds alone, and no traced hyperparameters (a single run's program is today's).
     c.sweep = None
-    assert [r.name for r in sweep.runs_of(c)] == ['seed3', 'seed4'] and sweep.hyperparameters(c) == {}
+    assert [r.name for r in list(settings.parse(c).dfq.runs)] == ['seed3', 'seed4'] and settings.parse(c).dfq.swept_values() == {}
 
 
 @pytest.mark.parametrize('sweep_value, message', [
@@ -55,13 +55,12 @@ def test_sweeps_that_would_change_the_program_are_refused(sweep_value, message):
     c = tiny_config('bag')
     c.sweep = sweep_value
     with pytest.raises(ValueError, match=message):
-        validation.validate_config(c)
+        settings.parse(c)
 
 
 def test_device_split_defaults_and_refusals():
     c = tiny_config('bag')      # batch 8
-    split = lambda runs, devices, data_parallel=None: sweep.device_split(
-        _with(c, data_parallel=data_parallel), runs, devices)
+    split = lambda runs, devices, data_parallel=None: sweep.device_split(c.batch_size, data_parallel, runs, devices)
     assert split(1, 4) == (1, 4)              # one run: all devices, today's mesh
     assert split(2, 4) == (2, 2) and split(4, 4) == (4, 1) and split(8, 4) == (4, 1)   # runs first
     assert split(3, 4) == (1, 4)              # 3 runs cannot spread over 4 devices: they share them
@@ -74,11 +73,11 @@ def test_device_split_defaults_and_refusals():
         split(1, 16, data_parallel=16)
     with pytest.raises(ValueError, match=r'3 runs \(sweep points x num_seeds\) at batch_size=6 do not split over 4 '
                                          r'.* a multiple of 2, or batch_size a multiple of 4'):
-        sweep.device_split(_with(c, batch_size=6), 3, 4)
+        sweep.device_split(6, None, 3, 4)
     # run.py checks it before anything is loaded, naming the field.
     bad = _with(c, num_seeds=1, data_parallel=2)
     with pytest.raises(ValueError, match=r'over 2 groups of data_parallel=2 devices .*: use data_parallel in \[4\]'):
-        validation.check_device_split(bad, 4)
+        settings.check_device_split(settings.parse(bad), 4)
 
 
 def _with(c, **fields):
@@ -95,12 +94,12 @@ def test_two_runs_on_two_rows_match_each_run_alone_on_two_devices(digits_teacher
     c = config_with(digits_teacher, 'bag')
     c.sweep = {'loss.channel_attention': (0.0, 5.0), 'student.lr': (1e-4, 1e-2)}
     setup, variables = make_setup(c)
-    runs, hp = sweep.runs_of(c), sweep.hyperparameters(c)
+    runs, hp = list(settings.parse(c).dfq.runs), settings.parse(c).dfq.swept_values()
     two_rows = parallel.make_mesh(runs=2)
     assert two_rows.shape == {'runs': 2, 'data': 2}
     alone = {}   # the runs without and with channel attention, at the low and the high rate
     for k in (0, 3):
-        run_config = sweep.run_configs(c)[k]
+        run_config = settings.run_configs(c)[k]
         run_setup, _ = make_setup(run_config)
         alone[k] = trajectories.dfq_one_step(run_setup, variables, parallel.make_mesh(jax.devices()[:2]),
                                              first_seed=run_config.seed)
@@ -126,11 +125,11 @@ def test_runs_on_cpu_stay_unbatched_programs(digits_teacher):
     c = config_with(digits_teacher, 'adadfq')
     setup, variables = make_setup(c)
     mesh = parallel.make_mesh(runs=2)
-    state = dfq.init_states(setup, variables, 0, 4, mesh)
+    state = step.init_states(setup, variables, 0, 4, mesh)
     teacher_variables = parallel.replicate(variables, mesh)
 
     def groups(loop):
-        program = dfq.make_train_epoch(setup, mesh, 4, loop).program(dfq.phase_of(setup, 1))
+        program = layouts.make_train_epoch(setup, mesh, 4, loop).program(step.phase_of(setup, 1))
         text = program.lower(state, teacher_variables, jnp.int32(1)).as_text()
         return set(re.findall(r'feature_group_count = (\d+)', text))
     assert groups('python') == {'1'}
@@ -147,7 +146,7 @@ def test_a_sweep_gives_each_run_the_results_of_that_run_alone(digits_teacher, tm
     summary = experiment.run(c, workdir)
     printed = capsys.readouterr().out
     alone = [experiment.run(run_config, str(tmp_path / f'alone{k}'))
-             for k, run_config in enumerate(sweep.run_configs(c))]
+             for k, run_config in enumerate(settings.run_configs(c))]
     assert summary['num_runs'] == 2 and summary['sweep'] == {'loss.channel_attention': [0.0, 5.0]}
     for run, single in zip(summary['runs'], alone):
         for key in ('ptq_top1', 'best_top1', 'last_top1'):
@@ -194,7 +193,7 @@ def test_a_diverged_run_is_left_behind_and_the_others_go_on(digits_teacher, tmp_
     as usual. When every run has diverged the program stops, as a single run does."""
     c = config_with(digits_teacher, 'adadfq')
     c.sweep = {'student.lr': (1e-4, 1e30)}
-    summary = dfq.train_and_evaluate(c, str(tmp_path / 'one'))
+    summary = dfq.train_and_evaluate(settings.parse(c), str(tmp_path / 'one'))
     ok, diverged = summary['runs']
     assert ok['diverged_epoch'] is None and ok['last_top1'] is not None
     assert diverged['diverged_epoch'] == 2 and diverged['last_top1'] is None and diverged['best_epoch'] == 1
@@ -206,7 +205,7 @@ def test_a_diverged_run_is_left_behind_and_the_others_go_on(digits_teacher, tmp_
     c.sweep = {'student.lr': (1e29, 1e30)}
     with pytest.raises(FloatingPointError, match=r'epoch 2: .* \(not finite\). Stopped; the last good checkpoint '
                                                  r'\(after epoch 1\)'):
-        dfq.train_and_evaluate(c, str(tmp_path / 'both'))
+        dfq.train_and_evaluate(settings.parse(c), str(tmp_path / 'both'))
 
 
 def test_the_command_line_takes_a_sweep_as_json(tmp_path):
@@ -242,7 +241,7 @@ def test_sweep_values_must_be_finite_and_boolean_fields_are_told_why(sweep_value
     c = tiny_config('bag')
     c.sweep = sweep_value
     with pytest.raises(ValueError, match=message):
-        validation.validate_config(c)
+        settings.parse(c)
     with pytest.raises(ValueError, match=message):
         sweep.sweep_of(c)
 

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from bag_jax import checkpoint, data, evaluate, experiment, metrics, teacher
+from bag_jax import checkpoint, data, evaluate, experiment, metrics, settings, teacher
 from configs import evaluate as evaluate_config
 from tests.conftest import interrupted, tiny_config
 
@@ -15,7 +15,7 @@ from tests.conftest import interrupted, tiny_config
 def test_digits_teacher_reaches_90_percent(tmp_path):
     c = tiny_config()
     c.teacher.epochs = 5
-    directory = teacher.train_teacher(c, str(tmp_path))
+    directory = teacher.train_teacher(settings.parse(c), str(tmp_path))
     model, variables, meta = checkpoint.load_teacher(directory)
     assert meta['top1'] >= 90.0, meta
     assert meta['data']['name'] == 'digits' and meta['data']['image_shape'] == [8, 8, 1]
@@ -28,11 +28,11 @@ def test_digits_teacher_reaches_90_percent(tmp_path):
 
 def test_interrupted_teacher_resumes_to_the_same_parameters(tmp_path, monkeypatch):
     c = tiny_config()
-    uninterrupted = checkpoint.load_teacher(teacher.train_teacher(c, str(tmp_path / 'a')))[1]
+    uninterrupted = checkpoint.load_teacher(teacher.train_teacher(settings.parse(c), str(tmp_path / 'a')))[1]
 
-    interrupted(monkeypatch, lambda: teacher.train_teacher(c, str(tmp_path / 'b')), epoch=2, phase='teacher')
+    interrupted(monkeypatch, lambda: teacher.train_teacher(settings.parse(c), str(tmp_path / 'b')), epoch=2, phase='teacher')
     assert not checkpoint.is_teacher_checkpoint(str(tmp_path / 'b' / 'teacher'))
-    resumed = checkpoint.load_teacher(teacher.train_teacher(c, str(tmp_path / 'b')))[1]
+    resumed = checkpoint.load_teacher(teacher.train_teacher(settings.parse(c), str(tmp_path / 'b')))[1]
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), uninterrupted, resumed)
 
 
@@ -67,10 +67,10 @@ def test_quantization_reuses_a_finished_teacher(digits_teacher, tmp_path, monkey
     os.makedirs(workdir)
     os.symlink(digits_teacher, workdir / 'teacher')
     monkeypatch.setattr(teacher, 'train_teacher', lambda *a, **k: pytest.fail('trained again'))
-    assert teacher.ensure_teacher(tiny_config(), str(workdir)) == str(workdir / 'teacher')
+    assert teacher.ensure_teacher(settings.parse(tiny_config()), str(workdir)) == str(workdir / 'teacher')
     c = tiny_config()
     c.teacher.checkpoint = '/given/elsewhere'
-    assert teacher.ensure_teacher(c, str(workdir)) == '/given/elsewhere'
+    assert teacher.ensure_teacher(settings.parse(c), str(workdir)) == '/given/elsewhere'
 
 
 def test_bad_teacher_settings_fail_before_compiling(tmp_path, monkeypatch):
@@ -86,7 +86,7 @@ def test_bad_teacher_settings_fail_before_compiling(tmp_path, monkeypatch):
     c = tiny_config()
     c.teacher.lr = -1.0
     with pytest.raises(ValueError, match='teacher.lr=-1.0'):
-        teacher.train_teacher(c, str(tmp_path))
+        teacher.train_teacher(settings.parse(c), str(tmp_path))
     c = evaluate_config.get_config()
     c.checkpoint = str(tmp_path / 'missing')
     c.eval_batch_size = 6
@@ -100,7 +100,7 @@ def test_bad_teacher_settings_fail_before_compiling(tmp_path, monkeypatch):
 def test_teacher_training_prints_its_final_accuracy_and_records_its_data(tmp_path, capsys):
     c = tiny_config()
     c.teacher.epochs = 1
-    directory = teacher.train_teacher(c, str(tmp_path))
+    directory = teacher.train_teacher(settings.parse(c), str(tmp_path))
     _, _, meta = checkpoint.load_teacher(directory)
     printed = capsys.readouterr().out
     assert f'teacher trained for 1 epoch(s), final test accuracy; saved to {os.path.abspath(directory)}' in printed

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from bag_jax import checkpoint, convert, teacher, validation, zoo
+from bag_jax import checkpoint, convert, settings, teacher, zoo
 from configs import cifar100_w3a3
 from tests.conftest import tiny_config
 
@@ -218,16 +218,16 @@ def test_unknown_name_lists_the_known_ones(cache):
     c = cifar100_w3a3.get_config()
     c.teacher.checkpoint = 'pytorchcv:resnet19'
     with pytest.raises(ValueError, match=r"teacher.checkpoint='pytorchcv:resnet19' names no"):
-        validation.validate_config(c)
+        settings.parse(c)
     c.teacher.checkpoint = 'pytorchcv:resnet20_cifar100'
-    validation.validate_config(c)
+    settings.parse(c)
 
 
 def test_ensure_teacher_takes_the_zoo_path(server, cache, tmp_path, monkeypatch):
     monkeypatch.setattr(teacher, 'train_teacher', lambda *a, **k: pytest.fail('trained a teacher'))
     c = tiny_config()
     c.teacher.checkpoint = SPEC
-    assert teacher.ensure_teacher(c, str(tmp_path / 'run')) == str(cache / ENTRY.stem)
+    assert teacher.ensure_teacher(settings.parse(c), str(tmp_path / 'run')) == str(cache / ENTRY.stem)
     assert server.hits == 1
 
 
@@ -254,6 +254,6 @@ def test_evaluate_mode_takes_the_zoo_path(server, cache, tmp_path):
     c = evaluate_config.get_config()
     c.checkpoint, c.eval_batch_size = SPEC, 4
     c.data.name, c.data.npz_path = 'npz', str(tmp_path / 'images.npz')
-    summary = evaluate.run_evaluation(c, str(tmp_path / 'eval'))
+    summary = evaluate.run_evaluation(settings.parse(c), str(tmp_path / 'eval'))
     assert summary['checkpoint'] == str(cache / ENTRY.stem) and summary['images'] == 12
     assert server.hits == 1

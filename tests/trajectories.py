@@ -81,7 +81,7 @@ def assert_rounding_close(a: dict, b: dict, tol: float, what: str = '', per_arra
 def dfq_one_step(setup, teacher_variables, mesh, first_seed: int = 0, num_seeds: int = 1,
                  loop: str = 'python', seeds=None, hparams=None) -> dict[str, np.ndarray]:
     """One DFQ iteration of each phase from the initial states of seeds first_seed.. (or of the
-    runs of `seeds` and swept `hparams`, as dfq.init_states takes them) on `mesh`, with the epoch
+    runs of `seeds` and swept `hparams`, as step.init_states takes them) on `mesh`, with the epoch
     loop `loop` (every process calls it together). Arrays have a leading run axis.
 
       calibrate/...   one iteration of the calibration epoch: metrics, the generator's gradient
@@ -89,12 +89,12 @@ def dfq_one_step(setup, teacher_variables, mesh, first_seed: int = 0, num_seeds:
       finetune/...    one iteration after warm-up, from the initial states with those ranges:
                       metrics, the generator's gradient and the student's (`sgd_gradient`)
     """
-    from bag_jax import dfq, parallel
+    from bag_jax import layouts, parallel, step
     setup = dataclasses.replace(setup, iters_per_epoch=1)
     teacher_variables = parallel.replicate(teacher_variables, mesh)
     num_seeds = num_seeds if seeds is None else len(seeds)
-    epoch_fn = dfq.make_train_epoch(setup, mesh, num_seeds, loop)
-    initial = dfq.init_states(setup, teacher_variables, first_seed, num_seeds, mesh, seeds=seeds, hparams=hparams)
+    epoch_fn = layouts.make_train_epoch(setup, mesh, num_seeds, loop)
+    initial = step.init_states(setup, teacher_variables, first_seed, num_seeds, mesh, seeds=seeds, hparams=hparams)
     calibrated, m = epoch_fn(jax.tree.map(jnp.copy, initial), teacher_variables, jnp.int32(0))
     out = {}
     out.update({f'calibrate/metrics/{k}': v for k, v in flat(m).items()})

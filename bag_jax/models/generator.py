@@ -20,9 +20,9 @@ Two ways to condition on the label y (`conditioning`):
 The two "up x2 -> conv3x3" layers are computed as sub-pixel convolutions (`upsample2x_conv`):
 the same function up to float rounding, without the upsampled image, 2.25x fewer multiply-adds.
 
-BAG (docs/algorithms.md 8.2a, our reading of the paper): `w_bits` fake-quantizes the weights of the linear
+BAG (docs/algorithms.md 8.2a, our reading of the paper): `quant.w_bits` fake-quantizes the weights of the linear
 layer and the three convs per output channel with the student's quantizer; the label embedding,
-the (conditional) BNs and the output stay full precision. `a_bits` optionally adds a QuantAct after each
+the (conditional) BNs and the output stay full precision. `quant.a_bits` optionally adds a QuantAct after each
 LeakyReLU (a signed range; the asymmetric quantizer handles it).
 """
 
@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bag_jax import quant
+from bag_jax.quant import QuantAct, QuantSpec, quantized_conv, quantized_dot_general
 from bag_jax.models import layers
 
 BASE_CHANNELS = 128
@@ -143,7 +143,7 @@ def upsample2x_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_di
     multiply-adds; with `_valid_conv`'s kernel gradient XLA:CPU runs the generator's two such
     layers forward and backward 2-5x faster than the conv of the upsampled image (bench/NOTES.md).
     The call signature is `lax.conv_general_dilated`'s, so it drops into `nn.Conv` (through
-    `quant.quantized_conv`, which quantizes the 3x3 kernel first) and keeps its parameters.
+    `quantized_conv`, which quantizes the 3x3 kernel first) and keeps its parameters.
     """
     _check_conv_call(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                      feature_group_count, 'upsample2x_conv')
@@ -184,16 +184,18 @@ class Generator(nn.Module):
     returns images (B, H, W, C) for `image_shape = (H, W, C)`.
 
     Sizes that are not multiples of 4 are generated at the next multiple and center-cropped
-    before the final normalization. `calibrate` updates the QuantAct ranges when `a_bits` is set.
+    before the final normalization. `calibrate` updates the QuantAct ranges when `quant.a_bits` is set.
     """
     num_classes: int
     image_shape: tuple[int, int, int]
     latent_dim: int = 100
-    w_bits: Optional[int] = None
-    a_bits: Optional[int] = None
-    range_rule: str = 'reference'
-    ste: str = 'identity'
     conditioning: str = 'embedding'
+    # BAG: weights at quant.w_bits; with quant.a_bits also a QuantAct after each LeakyReLU.
+    quant: Optional[QuantSpec] = None    # None: full precision
+
+    @property
+    def quant_spec(self) -> QuantSpec:
+        return self.quant or QuantSpec()
 
     def _norm(self, x, y, epsilon: float, name: str):
         if self.conditioning == 'batchnorm':
@@ -206,11 +208,11 @@ class Generator(nn.Module):
         return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), use_bias=True,
                        kernel_init=layers.torch_default_kernel_init,
                        bias_init=layers.torch_default_bias_init(fan_in),
-                       conv_general_dilated=quant.quantized_conv(self.w_bits, self.ste, conv), name=name)
+                       conv_general_dilated=quantized_conv(self.quant_spec.w_bits, self.quant_spec.ste, conv), name=name)
 
     def _act(self, x, calibrate: bool, name: str):
         x = nn.leaky_relu(x, LEAKY_SLOPE)
-        return quant.QuantAct(self.a_bits, self.range_rule, self.ste, name=name)(x, calibrate)
+        return QuantAct.of(self.quant_spec, name=name)(x, calibrate)
 
     @nn.compact
     def __call__(self, z: jax.Array, y: jax.Array, calibrate: bool = False) -> jax.Array:
@@ -224,7 +226,7 @@ class Generator(nn.Module):
                          name='label_emb')(y) * z
         x = nn.Dense(BASE_CHANNELS * h0 * w0, kernel_init=layers.torch_default_kernel_init,
                      bias_init=layers.torch_default_bias_init(self.latent_dim),
-                     dot_general=quant.quantized_dot_general(self.w_bits, self.ste), name='l1')(x)
+                     dot_general=quantized_dot_general(self.quant_spec.w_bits, self.quant_spec.ste), name='l1')(x)
         # PyTorch views the linear output as (B, 128, h0, w0): channel-major, then NCHW -> NHWC.
         x = x.reshape(x.shape[0], BASE_CHANNELS, h0, w0).transpose(0, 2, 3, 1)
         x = self._norm(x, y, BN_EPSILON, 'bn0')

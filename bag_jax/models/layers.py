@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bag_jax import quant
+from bag_jax.quant import QuantAct, QuantSpec, quantized_conv, quantized_dot_general
 
 # PyTorch's default Linear/Conv2d init, kaiming_uniform(a=sqrt(5)), is U(+-1/sqrt(fan_in)) for the
 # weight; the bias is U(+-1/sqrt(fan_in)) too (docs/algorithms.md 3).
@@ -68,7 +68,7 @@ class ConvBlock(nn.Module):
     """conv -> BN [-> ReLU/ReLU6 -> QuantAct]: pytorchcv's ConvBlock (bias-free conv, padding k//2).
 
     `groups` > 1 is a grouped conv (groups = channels: MobileNetV2's depthwise 3x3, HWIO kernel
-    (k, k, 1, C)). The kernel is fake-quantized per output channel when `w_bits` is set; a
+    (k, k, 1, C)). The kernel is fake-quantized per output channel when `quant.w_bits` is set; a
     QuantAct follows the activation, and only the activation (docs/algorithms.md 2.1, docs/imagenet.md 4). The BN's
     input is sown as 'bn_inputs'/`input` next to the BN `bn` (see `bn_input_pairs`).
     """
@@ -77,10 +77,11 @@ class ConvBlock(nn.Module):
     strides: int
     activation: Optional[str]
     groups: int = 1
-    w_bits: Optional[int] = None
-    a_bits: Optional[int] = None
-    range_rule: str = 'reference'
-    ste: str = 'identity'
+    quant: Optional[QuantSpec] = None    # None: full precision
+
+    @property
+    def quant_spec(self) -> QuantSpec:
+        return self.quant or QuantSpec()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool, calibrate: bool) -> jax.Array:
@@ -90,21 +91,22 @@ class ConvBlock(nn.Module):
         x = nn.Conv(self.features, (self.kernel_size, self.kernel_size), strides=self.strides,
                     padding=((pad, pad), (pad, pad)), feature_group_count=self.groups, use_bias=False,
                     kernel_init=kaiming_uniform_init,
-                    conv_general_dilated=quant.quantized_conv(self.w_bits, self.ste), name='conv')(x)
+                    conv_general_dilated=quantized_conv(self.quant_spec.w_bits, self.quant_spec.ste), name='conv')(x)
         keep(self, 'bn_inputs', 'input', x)
         x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                          use_fast_variance=False, name='bn')(x)
         if self.activation is not None:
             x = nn.relu(x) if self.activation == 'relu' else nn.relu6(x)
-            x = quant.QuantAct(self.a_bits, self.range_rule, self.ste, name='act_quant')(x, calibrate)
+            x = QuantAct.of(self.quant_spec, name='act_quant')(x, calibrate)
         return x
 
 
-def pooled_dense_head(x: jax.Array, num_classes: int, w_bits, ste: str) -> jax.Array:
+def pooled_dense_head(x: jax.Array, num_classes: int, quant: Optional[QuantSpec]) -> jax.Array:
     """The ResNets' classifier: the global mean of the last feature map (B, H, W, C), then a
     Dense 'output' layer with PyTorch's default init, its kernel fake-quantized per output
-    channel when `w_bits` is set. Call inside the network's compact __call__."""
+    channel when `quant` sets w_bits. Call inside the network's compact __call__."""
+    spec = quant or QuantSpec()
     x = jnp.mean(x, axis=(1, 2))
     fan_in = x.shape[-1]
     return nn.Dense(num_classes, kernel_init=torch_default_kernel_init, bias_init=torch_default_bias_init(fan_in),
-                    dot_general=quant.quantized_dot_general(w_bits, ste), name='output')(x)
+                    dot_general=quantized_dot_general(spec.w_bits, spec.ste), name='output')(x)

@@ -1,6 +1,6 @@
 """pytorchcv's MobileNetV2 (`mobilenetv2_w1`) in Flax linen, NHWC; teacher and student in one module.
 
-Full precision (w_bits = a_bits = None) it is numerically pytorchcv's network (docs/imagenet.md 2);
+Full precision (quant None) it is numerically pytorchcv's network (docs/imagenet.md 2);
 with bit-widths it is the GDFQ/AdaDFQ student (docs/imagenet.md 4): every conv (the stem, all 17
 depthwise 3x3s and the 1x1 classifier included, 54 in all) is weight-quantized per output
 channel, and a QuantAct follows every ReLU6 (36) and nothing else. The linear-bottleneck outputs,
@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bag_jax import quant
+from bag_jax.quant import QuantAct, QuantSpec, quantized_conv
 from bag_jax.models import layers
 from bag_jax.models.layers import ConvBlock
 from bag_jax.models.resnet_imagenet import check_channels
@@ -42,19 +42,15 @@ class LinearBottleneck(nn.Module):
     features: int
     strides: int
     expansion: bool
-    w_bits: Optional[int] = None
-    a_bits: Optional[int] = None
-    range_rule: str = 'reference'
-    ste: str = 'identity'
+    quant: Optional[QuantSpec] = None    # None: full precision
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool, calibrate: bool) -> jax.Array:
-        q = dict(w_bits=self.w_bits, a_bits=self.a_bits, range_rule=self.range_rule, ste=self.ste)
         in_features = x.shape[-1]
         mid = in_features * EXPANSION if self.expansion else in_features
-        branch = ConvBlock(mid, 1, 1, 'relu6', **q, name='conv1')(x, train, calibrate)
-        branch = ConvBlock(mid, 3, self.strides, 'relu6', groups=mid, **q, name='conv2')(branch, train, calibrate)
-        branch = ConvBlock(self.features, 1, 1, None, **q, name='conv3')(branch, train, calibrate)
+        branch = ConvBlock(mid, 1, 1, 'relu6', quant=self.quant, name='conv1')(x, train, calibrate)
+        branch = ConvBlock(mid, 3, self.strides, 'relu6', groups=mid, quant=self.quant, name='conv2')(branch, train, calibrate)
+        branch = ConvBlock(self.features, 1, 1, None, quant=self.quant, name='conv3')(branch, train, calibrate)
         layers.keep(self, 'features', 'branch', branch)
         y = branch + x if (in_features == self.features and self.strides == 1) else branch
         layers.keep(self, 'features', 'out', y)
@@ -76,24 +72,24 @@ class MobileNetV2(nn.Module):
     channels: tuple = ()
     init_channels: int = 32
     final_channels: int = 1280
-    w_bits: Optional[int] = None
-    a_bits: Optional[int] = None
-    range_rule: str = 'reference'
-    ste: str = 'identity'
+    quant: Optional[QuantSpec] = None    # None: full precision
+
+    @property
+    def quant_spec(self) -> QuantSpec:
+        return self.quant or QuantSpec()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, calibrate: bool = False) -> jax.Array:
         check_channels(self.channels, 'MobileNetV2.channels')
-        q = dict(w_bits=self.w_bits, a_bits=self.a_bits, range_rule=self.range_rule, ste=self.ste)
-        x = ConvBlock(self.init_channels, 3, 2, 'relu6', **q, name='init_block')(x, train, calibrate)
+        x = ConvBlock(self.init_channels, 3, 2, 'relu6', quant=self.quant, name='init_block')(x, train, calibrate)
         for stage, widths in enumerate(self.channels, start=1):
             for unit, features in enumerate(widths, start=1):
                 strides = 2 if (unit == 1 and stage > 1) else 1
-                x = LinearBottleneck(features, strides, expansion=(stage, unit) != (1, 1), **q,
+                x = LinearBottleneck(features, strides, expansion=(stage, unit) != (1, 1), quant=self.quant,
                                      name=f'stage{stage}_unit{unit}')(x, train, calibrate)
-        x = ConvBlock(self.final_channels, 1, 1, 'relu6', **q, name='final_block')(x, train, calibrate)
+        x = ConvBlock(self.final_channels, 1, 1, 'relu6', quant=self.quant, name='final_block')(x, train, calibrate)
         # pytorchcv's AvgPool2d(7) on the 7x7 map of a 224x224 input; a global mean for any size.
         x = jnp.mean(x, axis=(1, 2), keepdims=True)
         logits = nn.Conv(self.num_classes, (1, 1), use_bias=False, kernel_init=layers.kaiming_uniform_init,
-                         conv_general_dilated=quant.quantized_conv(self.w_bits, self.ste), name='output')(x)
+                         conv_general_dilated=quantized_conv(self.quant_spec.w_bits, self.quant_spec.ste), name='output')(x)
         return logits.reshape(logits.shape[0], self.num_classes)

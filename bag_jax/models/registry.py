@@ -1,11 +1,11 @@
 """One place that maps a checkpoint's `arch` to its Flax module, and back.
 
 Every classifier module (teacher or quantized student) is a linen dataclass with `num_classes`,
-its own architecture fields (e.g. `depth`, `channels`), and the quantization fields
-`QUANT_FIELDS`. A checkpoint's JSON metadata holds `arch` plus the architecture fields
+its own architecture fields (e.g. `depth`, `channels`), and one quantization field `quant`
+(a `QuantSpec`, None for full precision). A checkpoint's JSON metadata holds `arch` plus the architecture fields
 (`describe`); `build` turns that back into the module, quantized or not. Nothing downstream
 (dfq, evaluate, export, bench) needs to know which architecture it holds: a student is
-`quantized(teacher, ...)`, the teacher's own module with bit-widths.
+`quantized(teacher, spec)`, the teacher's own module with a QuantSpec.
 
 Every architecture follows the same conventions, which the losses rely on:
   * `model.apply(variables, x_nhwc, train=False, calibrate=False)` gives the logits;
@@ -25,14 +25,14 @@ import flax.linen as nn
 from bag_jax.models.mobilenet_v2 import MobileNetV2
 from bag_jax.models.resnet_cifar import ResNetCifar
 from bag_jax.models.resnet_imagenet import ResNet
+from bag_jax.quant import QuantSpec
 
-QUANT_FIELDS = ('w_bits', 'a_bits', 'range_rule', 'ste')
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     'resnet_cifar': ResNetCifar,   # pytorchcv resnetNN_cifarK
     'resnet': ResNet,              # pytorchcv resnet18 / resnet50 (ImageNet)
     'mobilenetv2': MobileNetV2,    # pytorchcv mobilenetv2_w1 (ImageNet)
 }
-_NOT_ARCH = set(QUANT_FIELDS) | {'parent', 'name'}
+_NOT_ARCH = {'quant', 'parent', 'name'}
 
 
 def _arch_fields(cls) -> list[str]:
@@ -61,9 +61,9 @@ def describe(model: nn.Module) -> dict[str, Any]:
     return {'arch': arch_name(model), **{f: _lists(getattr(model, f)) for f in _arch_fields(type(model))}}
 
 
-def build(description: dict[str, Any], **quant) -> nn.Module:
-    """The module that `describe` (or a checkpoint's metadata) describes; `quant` sets any of
-    QUANT_FIELDS (w_bits, a_bits, range_rule, ste). Other keys of `description` are ignored."""
+def build(description: dict[str, Any], quant: QuantSpec | None = None) -> nn.Module:
+    """The module that `describe` (or a checkpoint's metadata) describes, fake-quantized as
+    `quant` says (None: full precision). Other keys of `description` are ignored."""
     arch = description.get('arch')
     if arch not in ARCHITECTURES:
         raise ValueError(f'arch={arch!r} is not a known architecture; known: {", ".join(ARCHITECTURES)}.')
@@ -72,7 +72,7 @@ def build(description: dict[str, Any], **quant) -> nn.Module:
     if missing:
         raise ValueError(f'the description of a {arch!r} network lacks {missing}.')
     fields = {f: _tuples(description[f]) for f in _arch_fields(cls) if f in description}
-    return cls(**fields, **{k: v for k, v in quant.items() if v is not None or k in ('w_bits', 'a_bits')})
+    return cls(**fields, quant=quant)
 
 
 def _has_no_default(cls, field: str) -> bool:
@@ -80,10 +80,10 @@ def _has_no_default(cls, field: str) -> bool:
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
-def quantized(model: nn.Module, w_bits, a_bits, range_rule: str = 'reference', ste: str = 'identity') -> nn.Module:
-    """The student of `model`: the same architecture (and so the same variables) with fake-quantized
-    weights and activations."""
-    return build(describe(model), w_bits=w_bits, a_bits=a_bits, range_rule=range_rule, ste=ste)
+def quantized(model: nn.Module, quant: QuantSpec) -> nn.Module:
+    """The student of `model`: the same architecture (and so the same variables) with weights and
+    activations fake-quantized as `quant` says."""
+    return build(describe(model), quant)
 
 
 # The pytorchcv zoo networks the papers use, by their zoo name (docs/algorithms.md 1.1, docs/imagenet.md 1-2):

@@ -1,6 +1,6 @@
 """pytorchcv's CIFAR ResNet (`resnetNN_cifarK`) in Flax linen, NHWC; teacher and student in one module.
 
-Full precision (w_bits = a_bits = None) it is the teacher, numerically the pytorchcv network
+Full precision (quant None) it is the teacher, numerically the pytorchcv network
 (docs/algorithms.md 1.2). With bit-widths it is the GDFQ/AdaDFQ student (docs/algorithms.md 2.1): every conv and the dense
 head are weight-quantized per output channel, the first and last layers included, and a QuantAct
 follows every ReLU. BatchNorm, the residual add, pooling and the network input stay full
@@ -29,6 +29,7 @@ import jax
 from flax import traverse_util
 
 from bag_jax.models import layers
+from bag_jax.quant import QuantAct, QuantSpec
 from bag_jax.models.layers import ConvBlock
 from bag_jax.models.resnet_imagenet import ResUnit
 
@@ -56,23 +57,19 @@ class ResNetCifar(nn.Module):
     """
     num_classes: int
     depth: int = 20
-    w_bits: Optional[int] = None
-    a_bits: Optional[int] = None
-    range_rule: str = 'reference'
-    ste: str = 'identity'
+    quant: Optional[QuantSpec] = None    # None: full precision
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, calibrate: bool = False) -> jax.Array:
         n = units_per_stage(self.depth)
-        q = dict(w_bits=self.w_bits, a_bits=self.a_bits, range_rule=self.range_rule, ste=self.ste)
-        x = ConvBlock(INIT_CHANNELS, 3, 1, 'relu', **q, name='init_block')(x, train, calibrate)
+        x = ConvBlock(INIT_CHANNELS, 3, 1, 'relu', quant=self.quant, name='init_block')(x, train, calibrate)
         for stage, channels in enumerate(STAGE_CHANNELS, start=1):
             for unit in range(1, n + 1):
                 strides = 2 if (unit == 1 and stage > 1) else 1
-                x = ResUnit(channels, strides, bottleneck=False, **q,
+                x = ResUnit(channels, strides, bottleneck=False, quant=self.quant,
                             name=f'stage{stage}_unit{unit}')(x, train, calibrate)
         # pytorchcv's AvgPool2d(8) on the 8x8 map of a 32x32 input; a global mean for any size.
-        return layers.pooled_dense_head(x, self.num_classes, self.w_bits, self.ste)
+        return layers.pooled_dense_head(x, self.num_classes, self.quant)
 
 
 def bn_input_pairs(bn_inputs, batch_stats) -> list[tuple[jax.Array, jax.Array, jax.Array]]:

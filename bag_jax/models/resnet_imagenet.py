@@ -1,6 +1,6 @@
 """pytorchcv's ImageNet ResNet (`resnet18`, `resnet50`) in Flax linen, NHWC; teacher and student in one module.
 
-Full precision (w_bits = a_bits = None) it is numerically pytorchcv's network (docs/imagenet.md 2);
+Full precision (quant None) it is numerically pytorchcv's network (docs/imagenet.md 2);
 with bit-widths it is the GDFQ/AdaDFQ student (docs/imagenet.md 4): every conv (the 7x7 stem and the 1x1
 shortcuts included) and the dense head are weight-quantized per output channel, and a QuantAct
 follows every ReLU (17 in ResNet-18, 49 in ResNet-50) and nothing else. BatchNorm, the residual
@@ -22,7 +22,7 @@ from typing import Optional
 import flax.linen as nn
 import jax
 
-from bag_jax import quant
+from bag_jax.quant import QuantAct, QuantSpec
 from bag_jax.models import layers
 from bag_jax.models.layers import ConvBlock
 
@@ -40,29 +40,29 @@ class ResUnit(nn.Module):
     features: int
     strides: int
     bottleneck: bool
-    w_bits: Optional[int] = None
-    a_bits: Optional[int] = None
-    range_rule: str = 'reference'
-    ste: str = 'identity'
+    quant: Optional[QuantSpec] = None    # None: full precision
+
+    @property
+    def quant_spec(self) -> QuantSpec:
+        return self.quant or QuantSpec()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool, calibrate: bool) -> jax.Array:
-        q = dict(w_bits=self.w_bits, a_bits=self.a_bits, range_rule=self.range_rule, ste=self.ste)
         if self.bottleneck:
             mid = self.features // BOTTLENECK_FACTOR
-            branch = ConvBlock(mid, 1, self.strides, 'relu', **q, name='conv1')(x, train, calibrate)
-            branch = ConvBlock(mid, 3, 1, 'relu', **q, name='conv2')(branch, train, calibrate)
-            branch = ConvBlock(self.features, 1, 1, None, **q, name='conv3')(branch, train, calibrate)
+            branch = ConvBlock(mid, 1, self.strides, 'relu', quant=self.quant, name='conv1')(x, train, calibrate)
+            branch = ConvBlock(mid, 3, 1, 'relu', quant=self.quant, name='conv2')(branch, train, calibrate)
+            branch = ConvBlock(self.features, 1, 1, None, quant=self.quant, name='conv3')(branch, train, calibrate)
         else:
-            branch = ConvBlock(self.features, 3, self.strides, 'relu', **q, name='conv1')(x, train, calibrate)
-            branch = ConvBlock(self.features, 3, 1, None, **q, name='conv2')(branch, train, calibrate)
+            branch = ConvBlock(self.features, 3, self.strides, 'relu', quant=self.quant, name='conv1')(x, train, calibrate)
+            branch = ConvBlock(self.features, 3, 1, None, quant=self.quant, name='conv2')(branch, train, calibrate)
         if x.shape[-1] != self.features or self.strides != 1:
-            identity = ConvBlock(self.features, 1, self.strides, None, **q, name='identity_conv')(x, train, calibrate)
+            identity = ConvBlock(self.features, 1, self.strides, None, quant=self.quant, name='identity_conv')(x, train, calibrate)
         else:
             identity = x
         layers.keep(self, 'features', 'branch', branch)
         y = nn.relu(branch + identity)
-        y = quant.QuantAct(self.a_bits, self.range_rule, self.ste, name='act_quant')(y, calibrate)
+        y = QuantAct.of(self.quant_spec, name='act_quant')(y, calibrate)
         layers.keep(self, 'features', 'out', y)
         return y
 
@@ -70,15 +70,11 @@ class ResUnit(nn.Module):
 class ResInitBlock(nn.Module):
     """pytorchcv's ResInitBlock: conv7x7 s2 p3 -> BN -> ReLU (-> QuantAct) -> max pool 3 s2 p1."""
     features: int
-    w_bits: Optional[int] = None
-    a_bits: Optional[int] = None
-    range_rule: str = 'reference'
-    ste: str = 'identity'
+    quant: Optional[QuantSpec] = None    # None: full precision
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool, calibrate: bool) -> jax.Array:
-        x = ConvBlock(self.features, 7, 2, 'relu', w_bits=self.w_bits, a_bits=self.a_bits,
-                      range_rule=self.range_rule, ste=self.ste, name='conv')(x, train, calibrate)
+        x = ConvBlock(self.features, 7, 2, 'relu', quant=self.quant, name='conv')(x, train, calibrate)
         # Flax pads a max pool with -inf, as PyTorch's MaxPool2d(padding=1) does.
         return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
@@ -100,23 +96,19 @@ class ResNet(nn.Module):
     channels: tuple = ()
     init_channels: int = 64
     bottleneck: bool = False
-    w_bits: Optional[int] = None
-    a_bits: Optional[int] = None
-    range_rule: str = 'reference'
-    ste: str = 'identity'
+    quant: Optional[QuantSpec] = None    # None: full precision
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, calibrate: bool = False) -> jax.Array:
         check_channels(self.channels, 'ResNet.channels')
-        q = dict(w_bits=self.w_bits, a_bits=self.a_bits, range_rule=self.range_rule, ste=self.ste)
-        x = ResInitBlock(self.init_channels, **q, name='init_block')(x, train, calibrate)
+        x = ResInitBlock(self.init_channels, quant=self.quant, name='init_block')(x, train, calibrate)
         for stage, widths in enumerate(self.channels, start=1):
             for unit, features in enumerate(widths, start=1):
                 strides = 2 if (unit == 1 and stage > 1) else 1
-                x = ResUnit(features, strides, self.bottleneck, **q,
+                x = ResUnit(features, strides, self.bottleneck, quant=self.quant,
                             name=f'stage{stage}_unit{unit}')(x, train, calibrate)
         # pytorchcv's AvgPool2d(7) on the 7x7 map of a 224x224 input; a global mean for any size.
-        return layers.pooled_dense_head(x, self.num_classes, self.w_bits, self.ste)
+        return layers.pooled_dense_head(x, self.num_classes, self.quant)
 
 
 def check_channels(channels, field: str) -> None:
