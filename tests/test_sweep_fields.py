@@ -18,6 +18,7 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from bag_jax import checkpoint, data, layouts, methods, parallel, settings, step
@@ -103,9 +104,9 @@ def test_the_step_reads_each_swept_field_from_the_run(digits_teacher, method):
 def test_a_run_sweeping_every_field_is_that_run_alone(digits_teacher, method):
     """Two iterations (the first calibrating, the second past the learning-rate milestone) of a
     run whose every sweepable field is swept, against the same run with those values in its
-    config: the losses of the first iteration to rounding, and the size of every step of both
-    networks (a rate, a momentum, a decay or Adam's betas read as the config's constant would
-    change it by a factor, rounding by a few parts in a million)."""
+    config: the losses of the first iteration to rounding, the size of every step of both
+    networks and of Adam's moments (a rate, a momentum, a decay or Adam's betas read as the
+    config's constant would change it by a factor, rounding by a few parts in a million)."""
     sweep = settings.parse(configured(digits_teacher, method, sweep={f: [v] for f, v in SWEPT.items()}))
     alone = settings.run_configs(configured(digits_teacher, method, sweep={f: [v] for f, v in SWEPT.items()}))
     assert len(sweep.dfq.runs) == len(alone) == 1
@@ -128,6 +129,11 @@ def test_a_run_sweeping_every_field_is_that_run_alone(digits_teacher, method):
             np.sum((np.asarray(b, np.float64) - np.asarray(a, np.float64))**2)
             for a, b in zip(jax.tree.leaves(getattr(states[i], net)), jax.tree.leaves(getattr(states[i + 1], net))))))
             for net in ('gen_params', 'stu_params') for i in (0, 1)}
+        # Adam's moments after the first step: (1 - b1) g and (1 - b2) g^2 (its first update is
+        # about lr sign(g) whatever the betas).
+        steps.update({f'Adam {moment} after step 1': float(np.sqrt(sum(
+            np.sum(np.asarray(leaf, np.float64)**2) for leaf in jax.tree.leaves(
+                optax.tree_utils.tree_get(states[1].gen_opt_state, moment))))) for moment in ('mu', 'nu')})
         results[name] = metrics, steps
     (metrics, steps), (metrics_alone, steps_alone) = results['swept'], results['alone']
     for key in ('loss_g', 'loss_s', 'bns'):
