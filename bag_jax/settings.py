@@ -272,14 +272,6 @@ def run_configs(config) -> list:
     return out
 
 
-def with_iterations(config, iters_per_epoch: int):
-    """A copy of `config` with `iters_per_epoch` set (the benchmark times a given number)."""
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-        config.iters_per_epoch = iters_per_epoch
-    return config
-
-
 def check_device_split(experiment: Experiment, device_count: int) -> None:
     """Raises ValueError unless every global batch the mode uses splits evenly over
     `device_count` devices (checked before anything is loaded)."""

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from bag_jax import checkpoint, dfq, layouts, metrics, parallel, settings
+from bag_jax import checkpoint, dfq, metrics, parallel, settings
 from tests.multiprocess_worker import LOCAL_DEVICES, multiprocess_config, one_step_results
 from tests.trajectories import (QUANTIZED_ONE_STEP_SPREAD, WHOLE_RUN_ACCURACY_SPREAD, WHOLE_RUN_PARAMETER_SPREAD,
                                 assert_one_step_close, assert_rounding_close, flat)

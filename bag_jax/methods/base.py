@@ -9,9 +9,12 @@ only says what its two losses are in terms of them.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import jax
+
+if TYPE_CHECKING:
+    from bag_jax.settings import Hypers
 
 
 @dataclasses.dataclass(frozen=True)

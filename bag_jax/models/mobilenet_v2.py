@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bag_jax.quant import QuantAct, QuantSpec, quantized_conv
+from bag_jax.quant import QuantSpec, quantized_conv
 from bag_jax.models import layers
 from bag_jax.models.layers import ConvBlock
 from bag_jax.models.resnet_imagenet import check_channels

@@ -29,7 +29,7 @@ import jax
 from flax import traverse_util
 
 from bag_jax.models import layers
-from bag_jax.quant import QuantAct, QuantSpec
+from bag_jax.quant import QuantSpec
 from bag_jax.models.layers import ConvBlock
 from bag_jax.models.resnet_imagenet import ResUnit
 
