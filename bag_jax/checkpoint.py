@@ -33,9 +33,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
-from bag_jax import models
+from bag_jax import data, models
 from bag_jax.quant import QuantSpec
 
 TEACHER_META = 'teacher.json'
@@ -64,12 +65,11 @@ def model_meta(info, model, source: str, data_config=None, **extra) -> dict[str,
     return {**meta, **extra}
 
 
-# The config.data fields that say where each source's images are and how its test split is made.
+# The config.data fields that say where each source's images are and how its test split is made
+# (the data source registry's: bag_jax/data/sources.py).
 DATA_SOURCE = 'data_source'
-_SOURCE_FIELDS = {'cifar100': ('tfds_dir',), 'cifar10': ('tfds_dir',), 'digits': ('digits_test_fraction',),
-                  'npz': ('npz_path',), 'imagenet2012': ('tfds_dir', 'image_size'),
-                  'imagefolder': ('imagefolder_dir', 'image_size')}
-DATA_FIELDS = ('name', 'npz_path', 'tfds_dir', 'imagefolder_dir', 'digits_test_fraction', 'image_size')
+_SOURCE_FIELDS = {name: source.fields for name, source in data.REGISTRY.items()}
+DATA_FIELDS = data.DATA_FIELDS
 DATA_PATH_FIELDS = ('npz_path', 'tfds_dir', 'imagefolder_dir')
 
 
@@ -264,13 +264,42 @@ def _reason(error: BaseException) -> str:
     return f'{type(error).__name__}: {line[:200]}'.rstrip(': ')
 
 
+def _shapes(tree) -> dict[str, tuple]:
+    """{'a/b/0': shape} for every array in `tree` (arrays, or orbax's metadata of saved ones), its
+    path spelled by key names as orbax records them, whatever the containers' types."""
+    name = lambda k: str(next((getattr(k, a) for a in ('key', 'name', 'idx') if hasattr(k, a)), k))
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, 'shape'))[0]
+    return {'/'.join(name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def _state_mismatch(state_dir: str, like) -> str | None:
+    """How the arrays saved in `state_dir` (an orbax StandardSave item) differ from `like`'s in
+    their paths or shapes, briefly; None when they do not, or when the checkpoint's description
+    cannot be read (the checkpoint is damaged, not different)."""
+    try:
+        with _quiet_read_failures():
+            saved = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
+        saved, wanted = _shapes(getattr(saved, 'tree', saved)), _shapes(like)
+    except Exception:   # orbax and tensorstore raise many kinds; all mean that it cannot be read
+        return None
+    if not saved or saved == wanted:
+        return None
+    listed = lambda keys: ', '.join(keys[:3]) + (', ...' if len(keys) > 3 else '')
+    only_saved, only_wanted = sorted(saved.keys() - wanted.keys()), sorted(wanted.keys() - saved.keys())
+    reshaped = [f'{k}: {saved[k]} saved, {wanted[k]} now' for k in sorted(saved.keys() & wanted.keys())
+                if saved[k] != wanted[k]]
+    return '; '.join(f'{len(keys)} {what} ({listed(keys)})' for keys, what in (
+        (only_saved, 'array(s) only in the checkpoint'), (only_wanted, 'array(s) only in this run'),
+        (reshaped, 'array(s) of another shape')) if keys)
+
+
 def check_compatible(model_info, data_info, field: str) -> None:
     """Raises ValueError if a network made for `model_info` cannot take `data_info`'s images
     (a DatasetInfo each): different class counts or channel counts, or different image sizes
     unless the data are ImageNet-style ('imagenet2012', 'imagefolder'), whose crop size the user
     picks (data.image_size) for networks that pool globally."""
     model_shape, data_shape = tuple(model_info.image_shape), tuple(data_info.image_shape)
-    free_size = data_info.name in ('imagenet2012', 'imagefolder')    # data.STREAMING_SOURCES
+    free_size = data.crops_to_image_size(data_info.name)
     if (model_info.num_classes != data_info.num_classes or model_shape[-1] != data_shape[-1]
             or (not free_size and model_shape != data_shape)):
         raise ValueError(
@@ -315,7 +344,8 @@ class TrainingCheckpoints:
         cannot be restored (a truncated file, damaged metadata, an empty step directory) is
         logged with its path, renamed to `<step>.damaged` so that the run can save that step
         again, and the next older step is tried. Raises CheckpointError, saying what to delete,
-        when there are steps and none restores.
+        when there are steps and none restores; and, renaming nothing, when a step is intact but
+        holds other arrays or shapes than `like` (made by another config or version of the code).
         """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         damaged = []
@@ -328,6 +358,13 @@ class TrainingCheckpoints:
                     raise ValueError(f'its meta item is {type(restored["meta"]).__name__}, not a dict')
             except Exception as e:   # orbax and tensorstore raise many kinds; all mean the same here
                 path, reason = os.path.join(self.directory, str(epoch)), _reason(e)
+                mismatch = _state_mismatch(os.path.join(path, 'state'), abstract)
+                if mismatch:     # a valid step of another state: not damage, and no reason to delete it
+                    raise CheckpointError(
+                        f'The checkpoints in {self.directory} do not match this run\'s state: the one after epoch '
+                        f'{epoch} has {mismatch}. They were made by another config or another version of bag_jax: '
+                        'resume them with the config (and version) that made them, or give this run a new '
+                        '--workdir.') from None
                 logging.warning('The checkpoint after epoch %d in %s cannot be restored (%s).', epoch, path, reason)
                 damaged.append((epoch, path, reason))
                 continue

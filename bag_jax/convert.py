@@ -54,7 +54,7 @@ PTH_EXPECTED = ('a PyTorch state dict saved with torch.save (legacy or zip seria
                 'or the model zoo\'s .pth.zip holding one .pth')
 
 # The zoo's CIFAR models: class count, input size and normalization (docs/algorithms.md 1.3).
-_DATASETS = ('cifar100', 'cifar10')
+_DATASETS = data.family('cifar')     # the registry's CIFAR sources (bag_jax/data/sources.py)
 IMAGE_SHAPE = (32, 32, 3)
 IMAGENET = 'imagenet2012'   # the ImageNet models' data (docs/imagenet.md 6; `data.imagenet_info`)
 

@@ -409,33 +409,21 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
         return _complete_lines(f.read(), path)[0]
 
 
-# Class names of the sources that have them (data.SOURCES), in label order: tfds's.
-CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
-CIFAR100_CLASSES = (
-    'apple', 'aquarium_fish', 'baby', 'bear', 'beaver', 'bed', 'bee', 'beetle', 'bicycle', 'bottle', 'bowl', 'boy',
-    'bridge', 'bus', 'butterfly', 'camel', 'can', 'castle', 'caterpillar', 'cattle', 'chair', 'chimpanzee', 'clock',
-    'cloud', 'cockroach', 'couch', 'crab', 'crocodile', 'cup', 'dinosaur', 'dolphin', 'elephant', 'flatfish',
-    'forest', 'fox', 'girl', 'hamster', 'house', 'kangaroo', 'keyboard', 'lamp', 'lawn_mower', 'leopard', 'lion',
-    'lizard', 'lobster', 'man', 'maple_tree', 'motorcycle', 'mountain', 'mouse', 'mushroom', 'oak_tree', 'orange',
-    'orchid', 'otter', 'palm_tree', 'pear', 'pickup_truck', 'pine_tree', 'plain', 'plate', 'poppy', 'porcupine',
-    'possum', 'rabbit', 'raccoon', 'ray', 'road', 'rocket', 'rose', 'sea', 'seal', 'shark', 'shrew', 'skunk',
-    'skyscraper', 'snail', 'snake', 'spider', 'squirrel', 'streetcar', 'sunflower', 'sweet_pepper', 'table', 'tank',
-    'telephone', 'television', 'tiger', 'tractor', 'train', 'trout', 'tulip', 'turtle', 'wardrobe', 'whale',
-    'willow_tree', 'wolf', 'woman', 'worm')
+def __getattr__(name: str):
+    # CIFAR10_CLASSES and CIFAR100_CLASSES, once defined here, live with their source
+    # (bag_jax/data/tfds_cifar.py), read when asked for so that this module imports no JAX.
+    if name in ('CIFAR10_CLASSES', 'CIFAR100_CLASSES'):
+        from bag_jax.data import tfds_cifar
+        return getattr(tfds_cifar, name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
 def class_names(info) -> tuple[str, ...] | None:
     """The class names of a data.DatasetInfo's source, in label order, where it has them: the
     digits, CIFAR's, ImageNet's WordNet ids (also of an image folder of ImageNet classes); None
-    for the others."""
-    if info.name == 'digits':
-        return tuple(str(i) for i in range(info.num_classes))
-    names = {'cifar10': CIFAR10_CLASSES, 'cifar100': CIFAR100_CLASSES}.get(info.name)
-    if names is None and info.name in ('imagenet2012', 'imagefolder'):
-        from bag_jax import data
-        if info.num_classes == data.IMAGENET_CLASSES:
-            names = data.imagenet_class_ids()
-    return names if names is not None and len(names) == info.num_classes else None
+    for the others (the data source registry's `data.class_names`)."""
+    from bag_jax import data
+    return data.class_names(info)
 
 
 def row_labels(num_classes: int, names: Sequence[str] | None = None, rows: int = GRID_CLASSES) -> list[str]:

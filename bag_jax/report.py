@@ -19,26 +19,11 @@ from typing import Any
 from bag_jax import sweep
 
 
-def groups(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """The summary's `groups`; for a summary written before runs were grouped, its one group."""
-    if 'groups' in summary:
-        return summary['groups']
-    per_seed = summary.get('per_seed')
-    if per_seed is None:
-        runs = [{'overrides': {}, 'seed': None, **{k: summary.get(k) for k in
-                                                   ('ptq_top1', 'best_top1', 'best_epoch', 'last_top1')}}]
-    else:
-        runs = [{'overrides': {}, 'seed': seed, 'ptq_top1': None if per_seed['ptq_top1'] is None else per_seed['ptq_top1'][k],
-                 **{key: per_seed[key][k] for key in ('best_top1', 'best_epoch', 'last_top1')}}
-                for k, seed in enumerate(per_seed['seed'])]
-    return sweep.groups_of(runs)
-
-
 def format_summary(summary: dict[str, Any]) -> str:
     """A heading (method, bits, teacher, runs) and the groups table."""
     heading = (f'{summary["method"]} W{summary["w_bits"]}A{summary["a_bits"]}, teacher {summary["teacher_top1"]:.2f} %, '
-               f'{summary.get("num_runs", 1)} run(s), {summary["epochs"]} epochs')
-    return heading + '\n\n' + sweep.markdown_table(groups(summary))
+               f'{summary["num_runs"]} run(s), {summary["epochs"]} epochs')
+    return heading + '\n\n' + sweep.markdown_table(summary['groups'])
 
 
 def format_evaluation(summary: dict[str, Any]) -> str:

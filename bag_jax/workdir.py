@@ -38,8 +38,6 @@ CONFIG_FILE = 'config.json'
 LOCK_FILE = 'run.lock'
 # Fields that extend a run (more epochs) or only change what it logs or how it evaluates.
 EXTENDABLE_FIELDS = ('epochs', 'log_every', 'image_grid_every', 'eval_batch_size')
-# What a workdir holds once a run has started in it.
-_RUN_OUTPUTS = ('teacher_state', 'dfq_state', 'teacher', 'student', 'students', 'summary.json', 'metrics.jsonl')
 
 
 class WorkdirError(RuntimeError):
@@ -60,9 +58,6 @@ def check_config(workdir: str, record: dict[str, Any]) -> dict[str, tuple[Any, A
     raises WorkdirError listing the others when any other field differs."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
-        if any(os.path.exists(os.path.join(workdir, name)) for name in _RUN_OUTPUTS):
-            logging.warning('%s holds a run but no %s (it predates it): continuing without checking that the '
-                            'config is the one that made it.', workdir, CONFIG_FILE)
         return {}
     try:
         with open(path) as f:

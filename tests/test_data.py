@@ -1,14 +1,17 @@
-"""Tests for bag_jax/data.py: the sources, their error messages, preprocessing and batching.
+"""Tests for bag_jax/data/: the sources and their registry, their error messages, preprocessing and
+batching.
 
 No network: the CIFAR sources run under tfds.testing.mock_data, and on a tiny fake CIFAR-100
 prepared from the binary format into a temporary tfds directory.
 """
 
+import ast
 import json
 import os
 import re
 import socket
 import time
+from types import SimpleNamespace
 from unittest import mock
 
 import jax
@@ -30,7 +33,7 @@ def data_config(name, **fields):
 @pytest.fixture(scope='module')
 def tfds():
     pytest.importorskip('tensorflow')
-    _, tfds = data._import_tfds()
+    _, tfds = data.tfds_cifar.import_tfds()
     return tfds
 
 
@@ -468,3 +471,68 @@ def test_eval_batches_pad_mask_and_equal_counts():
     assert [m.sum() for m in masks] == [1, 0]
     with pytest.raises(ValueError, match='another process count'):
         next(data.eval_batches(whole, 3, process_count=3))
+
+
+# ------------------------------------------------------------------------------------------------
+# The registry (bag_jax/data/sources.py): the one list of sources
+
+
+def test_every_source_loads_or_describes_through_the_registry(tmp_path):
+    npz_path = write_npz(tmp_path / 'd.npz', **good_arrays())
+    for name in data.SOURCES:
+        source = data.source(name)
+        # Any object with the attributes will do (a ConfigDict, a dataclass).
+        config = SimpleNamespace(name=name, npz_path=npz_path, digits_test_fraction=None, image_size=None)
+        if source.info is not None:     # known without loading: the ImageNet-style ones and CIFAR
+            info = data.dataset_info(config)
+        else:
+            ds = data.load_dataset(config, process_index=0, process_count=1)
+            assert isinstance(ds, data.ArrayDataset) and data.dataset_info(config, process_index=0,
+                                                                             process_count=1) == ds.info
+            info = ds.info
+        assert info.name == name and source.streaming == (name in data.STREAMING_SOURCES)
+        assert source.has_train_split == (not source.streaming) and set(source.fields) < set(data.DATA_FIELDS)
+    assert data.class_names(data.cifar_info('cifar10'))[3] == 'cat'
+    with pytest.raises(ValueError, match=r"'digits' is not a CIFAR dataset; use one of cifar100, cifar10\."):
+        data.cifar_info('digits')
+
+
+def test_the_lists_of_sources_derive_from_the_registry():
+    from bag_jax import checkpoint, convert
+    fields = {f for source in data.REGISTRY.values() for f in source.fields}
+    assert checkpoint.DATA_FIELDS == data.DATA_FIELDS and set(checkpoint.DATA_FIELDS) == fields | {'name'}
+    assert len(set(checkpoint.DATA_FIELDS)) == len(checkpoint.DATA_FIELDS)
+    for name, source in data.REGISTRY.items():
+        record = checkpoint.data_record(SimpleNamespace(name=name))
+        assert tuple(record) == ('name', *source.fields)
+    assert convert._DATASETS == data.family('cifar') == ('cifar100', 'cifar10')
+    assert data.STREAMING_SOURCES == tuple(n for n, s in data.REGISTRY.items() if s.streaming)
+
+
+def literal_lists_of_sources(text):
+    """The line numbers of the tuple, list, set or dict (keys) literals in Python source `text`
+    that hold two or more quoted source names."""
+    found = []
+    for node in ast.walk(ast.parse(text)):
+        items = node.keys if isinstance(node, ast.Dict) else getattr(node, 'elts', [])
+        names = [i.value for i in items if isinstance(i, ast.Constant) and i.value in data.SOURCES]
+        if len(names) >= 2:
+            found.append(node.lineno)
+    return found
+
+
+def test_no_module_but_the_registry_lists_sources():
+    assert literal_lists_of_sources("x = {'cifar10': 1,\n     'npz': 2}\nif n in ('digits', 'imagefolder'): pass") == [1, 3]
+    assert literal_lists_of_sources("SOURCES = ('cifar100',)\nmessage = 'data.name=cifar100/cifar10'") == []
+    package = os.path.dirname(os.path.abspath(data.__path__[0]))
+    registry = os.path.join(package, 'data', 'sources.py')
+    listed = {}
+    for folder, _, files in os.walk(package):
+        for f in files:
+            path = os.path.join(folder, f)
+            if f.endswith('.py') and path != registry:
+                with open(path) as file:
+                    lines = literal_lists_of_sources(file.read())
+                if lines:
+                    listed[os.path.relpath(path, package)] = lines
+    assert not listed, f'source names listed outside bag_jax/data/sources.py (file: lines): {listed}'

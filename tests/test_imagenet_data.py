@@ -1,4 +1,4 @@
-"""Tests for the ImageNet evaluation sources of bag_jax/data.py: the reference's transform
+"""Tests for the ImageNet evaluation sources of bag_jax/data/: the reference's transform
 (docs/imagenet.md 6), `imagefolder`, `imagenet2012` and the streamed, sharded eval batches.
 
 No network and no ImageNet: the images are small random JPEG/PNG files written here; the
@@ -113,7 +113,7 @@ def test_preprocess_converts_to_rgb(tmp_path, mode, fmt):
 def test_share_bounds_follow_array_split(total, count):
     shares = np.array_split(np.arange(total), count)
     for p, share in enumerate(shares):
-        start, stop = data._share_bounds(total, p, count)
+        start, stop = data.types.share_bounds(total, p, count)
         np.testing.assert_array_equal(np.arange(start, stop), share)
 
 
@@ -411,7 +411,7 @@ def prepared_imagenet(tmp_path_factory):
     """A tfds imagenet2012 prepared from a fake ILSVRC2012_img_val.tar of NUM_FAKE_VAL random
     JPEGs, in both file formats. Returns ({format: tfds_dir}, [(jpeg bytes, label)])."""
     pytest.importorskip('tensorflow')
-    _, tfds = data._import_tfds()
+    _, tfds = data.tfds_cifar.import_tfds()
     rng = np.random.default_rng(5)
     archive = io.BytesIO()
     files = []

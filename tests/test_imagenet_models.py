@@ -26,7 +26,7 @@ import pytest
 from bag_jax import checkpoint, convert, losses, quant
 from bag_jax.models import MobileNetV2, ResNet, bn_input_pairs, registry, unit_features
 from bag_jax.quant import QuantSpec
-from tests.test_models import _quantize_kernels_numpy
+from tests.quant_reference import quantize_kernels_numpy
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'imagenet')
 NAMES = ('resnet18_wd4', 'resnet50_wd8', 'mobilenetv2_w1_wd4')
@@ -201,7 +201,7 @@ def test_mobilenetv2_student_quantizes_every_conv_per_output_channel():
     student = registry.quantized(teacher, QuantSpec(3, None))
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
     run_teacher, run_student = jax.jit(teacher.apply), jax.jit(student.apply)
-    expected = run_teacher({'params': _quantize_kernels_numpy(variables['params'], 3),
+    expected = run_teacher({'params': quantize_kernels_numpy(variables['params'], 3),
                             'batch_stats': variables['batch_stats']}, x)
     got = run_student(variables, x)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(expected))))

@@ -9,7 +9,7 @@ import pytest
 
 from bag_jax.models import Generator, ResNetCifar, bn_input_pairs, generator, unit_features
 from bag_jax.quant import QuantSpec
-from tests.test_quant import numpy_reference
+from tests.quant_reference import quantize_kernels_numpy
 from tests.trajectories import assert_rounding_close, flat
 
 
@@ -110,26 +110,12 @@ def test_sown_tensors_only_when_asked():
     assert len(unit_features(sown['features'], 'out')) == 9
 
 
-def _quantize_kernels_numpy(params, bits, names=('kernel',)):
-    """Every kernel quantized per output channel (the last axis) by the numpy reference."""
-    flat = flax.traverse_util.flatten_dict(jax.tree.map(np.asarray, params))
-    out = {}
-    for path, w in flat.items():
-        if path[-1] in names:
-            cols = w.reshape(-1, w.shape[-1])
-            q = np.stack([numpy_reference(cols[:, c], cols[:, c].min(), cols[:, c].max(), bits)
-                          for c in range(cols.shape[1])], axis=-1)
-            w = q.reshape(w.shape)
-        out[path] = w
-    return flax.traverse_util.unflatten_dict(out)
-
-
 def test_student_quantizes_every_conv_and_the_dense_head():
     teacher = ResNetCifar(num_classes=10)
     variables = init_resnet(teacher, (8, 8, 1))
     x = jax.random.normal(jax.random.PRNGKey(3), (4, 8, 8, 1))
     student = ResNetCifar(num_classes=10, quant=QuantSpec(w_bits=3))
-    expected = teacher.apply({'params': _quantize_kernels_numpy(variables['params'], 3),
+    expected = teacher.apply({'params': quantize_kernels_numpy(variables['params'], 3),
                               'batch_stats': variables['batch_stats']}, x)
     np.testing.assert_allclose(student.apply(variables, x), expected, rtol=1e-4, atol=1e-4)
     assert len(flax.traverse_util.flatten_dict(variables['params'])) - 2 * 21 - 1 == 22  # 22 kernels
@@ -176,7 +162,7 @@ def test_bag_generator_quantizes_linear_and_conv_weights_only():
     bag = Generator(num_classes=10, image_shape=(8, 8, 1), latent_dim=16, quant=QuantSpec(w_bits=3))
     z, y = jax.random.normal(jax.random.PRNGKey(1), (6, 16)), jnp.arange(6)
     v = fp.init(jax.random.PRNGKey(0), z, y)
-    expected = fp.apply({'params': _quantize_kernels_numpy(v['params'], 3)}, z, y)   # embedding stays FP
+    expected = fp.apply({'params': quantize_kernels_numpy(v['params'], 3)}, z, y)   # embedding stays FP
     np.testing.assert_allclose(bag.apply(v, z, y), expected, rtol=1e-4, atol=1e-4)
     assert not np.allclose(bag.apply(v, z, y), fp.apply(v, z, y), atol=1e-3)
 
@@ -294,7 +280,7 @@ def test_imagenet_generator_conditions_through_batchnorm_only():
     assert not np.allclose(a, b, atol=1e-3)
     bag = Generator(num_classes=10, image_shape=(8, 8, 3), latent_dim=16, conditioning='batchnorm',
                     quant=QuantSpec(w_bits=3))
-    expected = gen.apply({'params': _quantize_kernels_numpy(tables, 3)}, z, jnp.arange(6))   # tables stay FP
+    expected = gen.apply({'params': quantize_kernels_numpy(tables, 3)}, z, jnp.arange(6))   # tables stay FP
     np.testing.assert_allclose(bag.apply({'params': tables}, z, jnp.arange(6)), expected, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="generator.conditioning='film'"):
         Generator(num_classes=10, image_shape=(8, 8, 3), conditioning='film').init(

@@ -7,16 +7,7 @@ import numpy as np
 import pytest
 
 from bag_jax import quant
-
-
-def numpy_reference(x, lo, hi, bits):
-    """The reference AsymmetricQuantFunction, written again in numpy float32."""
-    x, lo, hi = (np.asarray(a, np.float32) for a in (x, lo, hi))
-    n = np.float32(2**bits - 1)
-    scale = n / np.maximum(hi - lo, np.float32(1e-8))
-    zp = np.round(scale * lo) + np.float32(2**(bits - 1))
-    q = np.clip(np.round(scale * x - zp), -2**(bits - 1), 2**(bits - 1) - 1)
-    return (q + zp) / scale
+from tests.quant_reference import numpy_reference
 
 
 def test_three_bit_grid_by_hand():

@@ -182,6 +182,27 @@ def test_no_restorable_step_says_what_to_delete(tmp_path):
             ckpts.restore({'w': jnp.zeros(8)})
 
 
+@pytest.mark.parametrize('like, differs', [
+    ({'w': jnp.zeros(8), 'c': jnp.zeros(2)}, r'1 array\(s\) only in the checkpoint \(b\); 1 array\(s\) only in this run \(c\)'),
+    ({'w': jnp.zeros(9), 'b': jnp.zeros(3)}, r'1 array\(s\) of another shape \(w: \(8,\) saved, \(9,\) now\)'),
+    ({'w': {'k': jnp.zeros(8)}, 'b': jnp.zeros(3)}, r'only in the checkpoint \(w\); 1 array\(s\) only in this run \(w/k\)'),
+])
+def test_a_step_of_another_state_is_not_called_damaged(tmp_path, like, differs):
+    """Another config's or version's valid checkpoints: refused as not this run's, never renamed
+    or offered for deletion."""
+    with checkpoint.TrainingCheckpoints(str(tmp_path)) as ckpts:
+        for epoch in (1, 2):
+            ckpts.save(epoch, {'w': jnp.ones(8), 'b': jnp.ones(3)}, {'epoch': epoch})
+    with checkpoint.TrainingCheckpoints(str(tmp_path)) as ckpts:
+        with pytest.raises(checkpoint.CheckpointError, match=rf"The checkpoints in {tmp_path} do not match this run's "
+                           rf'state: the one after epoch 2 has .*{differs}.*a new --workdir') as raised:
+            ckpts.restore(like)
+    assert 'Delete' not in str(raised.value) and 'damaged' not in str(raised.value)
+    assert sorted(os.listdir(tmp_path)) == ['1', '2']
+    with checkpoint.TrainingCheckpoints(str(tmp_path)) as ckpts:
+        assert ckpts.restore({'w': jnp.zeros(8), 'b': jnp.zeros(3)})[0] == 2
+
+
 def test_a_damaged_latest_step_in_a_run(digits_teacher, tmp_path, caplog):
     """A finished 2-epoch run whose newest step is damaged, extended to 3 epochs: it resumes after
     epoch 1 and ends as the uninterrupted 3-epoch run."""
