@@ -8,7 +8,9 @@ table in docs/deployment.md and bench/NOTES.md.
 Random weights (sizes and speed do not depend on the values), activation ranges calibrated on
 random images. "onnxruntime float" is `onnx_model.build(..., float_baseline=True)`: float32
 convolutions with the BN-folded kernels, no activation quantization; "onnxruntime integer" is
-model.onnx as the export writes it; "model.jax" is the jax.export module the export writes
+model.onnx as the export writes it (ConvInteger); "QLinearConv form" is
+`onnx_model.build(..., qlinear=True)`, where onnxruntime fuses the conv-BN-ReLU-QuantAct blocks
+into QLinearConv (faster, but its int32 bias rounds: not the student's numbers); "model.jax" is the jax.export module the export writes
 (integer arithmetic for ResNet-20, float32 on dequantized kernels for ResNet-18); "JAX float"
 the fake-quantized student under jax.jit. Median of --repeats calls after one warm-up call;
 onnxruntime with every graph optimization on and its default threads. Prints a Markdown table
@@ -96,12 +98,14 @@ def main() -> None:
         arrays = integer_inference.integer_form(model, variables)
         integer = onnx_model.session(onnx_model.build(arrays, meta).SerializeToString())
         floating = onnx_model.session(onnx_model.build(arrays, meta, float_baseline=True).SerializeToString())
+        qlinear = onnx_model.session(onnx_model.build(arrays, meta, qlinear=True).SerializeToString())
         shipped = jax_export.deserialize(export.serialize_forward(arrays, meta))
         jax_model = jax.jit(shipped.call)
         fake = jax.jit(lambda v, x: model.apply(v, data.normalize(x, info)))
         runners = {
             'onnxruntime float': lambda x: floating.run(None, {onnx_model.INPUT: x})[0],
             'onnxruntime integer (model.onnx)': lambda x: integer.run(None, {onnx_model.INPUT: x})[0],
+            'onnxruntime QLinearConv form (not exact)': lambda x: qlinear.run(None, {onnx_model.INPUT: x})[0],
             'model.jax': lambda x: jax_model(x).block_until_ready(),
             'JAX float (fake-quant student, jit)': lambda x: fake(variables, x).block_until_ready(),
         }
