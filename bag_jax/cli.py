@@ -18,7 +18,7 @@ import sys
 # name: (module, what it does)
 SUBCOMMANDS = {
     'run': ('bag_jax.command', 'quantize a classifier without data, train a teacher, or evaluate (= python run.py)'),
-    'export': ('bag_jax.export', 'export a quantized student: packed integer weights, an integer-inference module'),
+    'export': ('bag_jax.export', 'export a quantized student: packed integer weights, model.jax and/or model.onnx'),
     'report': ('bag_jax.report', "print finished runs' results (WORKDIR/summary.json) as a Markdown table"),
     'convert': ('bag_jax.convert', 'convert pytorchcv weights (.pth, .pth.zip) into a teacher checkpoint'),
     'zoo': ('bag_jax.zoo', 'fetch a pytorchcv zoo file, check it, convert it into a teacher once'),

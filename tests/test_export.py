@@ -7,14 +7,12 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from bag_jax import checkpoint, data, export, integer_inference
-from bag_jax.models import ResNetCifar
-from bag_jax.quant import QuantSpec
 from tests.conftest import tiny_config
+from tests.students import ptq_student
 
 
 @pytest.mark.parametrize('bits', [2, 3, 4, 5, 6, 7, 8])
@@ -29,23 +27,6 @@ def test_pack_unpack_round_trip(bits):
     assert export.pack_bits(np.arange(8) % 8, 3).size == 3          # eight 3-bit values in three bytes
     with pytest.raises(ValueError, match=f'does not fit in {bits} bits'):
         export.pack_bits(np.array([2**bits]), bits)
-
-
-def ptq_student(teacher_dir, w_bits, a_bits):
-    """The digits teacher quantized after training: weights at w_bits, activation ranges
-    calibrated on 250 training digits. Returns (model, variables, meta, dataset)."""
-    _, variables, meta = checkpoint.load_teacher(teacher_dir)
-    dataset = data.load_dataset(tiny_config().data)
-    model = ResNetCifar(num_classes=10, depth=meta['depth'], quant=QuantSpec(w_bits, a_bits))
-    stats = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))['quant_stats']
-    images = data.normalize(dataset.x_train[:250], dataset.info)
-    for start in range(0, 250, 50):
-        _, updated = model.apply({**variables, 'quant_stats': stats}, images[start:start + 50], calibrate=True,
-                                 mutable=['quant_stats'])
-        stats = updated['quant_stats']
-    meta = {**meta, 'kind': 'student', 'quant': {'w_bits': w_bits, 'a_bits': a_bits, 'range_rule': 'reference',
-                                                 'ste': 'identity'}}
-    return model, {**variables, 'quant_stats': stats}, meta, dataset
 
 
 @pytest.mark.parametrize('w_bits,a_bits', [(8, 8), (6, 8)])

@@ -99,13 +99,15 @@ def test_evaluates_the_student_on_the_imagefolder(imagenet_run, tmp_path):
 
 
 def test_exports_the_imagenet_student(imagenet_run, tmp_path):
-    """The same export command as for CIFAR students: packed weights and a model.jax that, for the
-    ImageNet architectures, computes on the dequantized kernels (the student's own numbers)."""
+    """The same export command as for CIFAR students: packed weights, a model.jax that, for the
+    ImageNet architectures, computes on the dequantized kernels (the student's own numbers), and
+    a model.onnx whose convolutions on quantized inputs (all but the stem) and classifier are
+    integer operators in onnxruntime."""
     from bag_jax import export
     out = str(tmp_path / 'export')
     student = os.path.join(imagenet_run['workdir'], 'student')
     assert export.main(['--checkpoint', student, '--out', out, '--imagefolder_dir', imagenet_run['folder'],
-                        '--eval_batch_size', '8']) == 0
+                        '--eval_batch_size', '8', '--format', 'all']) == 0
     with open(os.path.join(out, export.REPORT_FILE)) as f:
         report = json.load(f)
     assert report['arch'] == 'resnet' and not report['integer_arithmetic'] and report['w_bits'] == 4
@@ -113,3 +115,9 @@ def test_exports_the_imagenet_student(imagenet_run, tmp_path):
     a = report['agreement']
     assert a['images'] == CLASSES * PER_CLASS and a['prediction_agreement'] == 1.0
     assert a['max_abs_logit_diff'] < 1e-3 and a['integer_top1'] == a['student_top1']
+    onnx_report = report['onnx']
+    assert onnx_report['float_layers'] == ['init_block/conv/conv'] and onnx_report['integer_layers'] == 20   # 21 in all
+    operators = onnx_report['optimized_operators']
+    assert operators.get('ConvInteger', 0) + operators.get('MatMulInteger', 0) == 20
+    assert onnx_report['agreement']['images'] == a['images']
+    assert onnx_report['agreement']['prediction_agreement'] >= export.AGREEMENT_BAR
