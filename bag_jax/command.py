@@ -212,7 +212,7 @@ def main(argv):
         failure = console.write_failure(e, where=f'a file in {_WORKDIR.value}')
         if failure is not None and not _wants_traceback():
             # At once: orbax's writer threads would each print the failure again at shutdown.
-            print(f'{_prog}: error: {failure}', file=sys.stderr)
+            console.final_error(f'{_prog}: error: {failure}')
             console.exit_now(1)
         if _wants_traceback() or not is_user_error(e):
             raise

@@ -150,6 +150,14 @@ class _QuietStderr:
     def flush(self) -> None:
         self._stream.flush()
 
+    def drop_held(self):
+        """Drops a traceback still being held (a background thread's, cut off by the run's own
+        failure) and returns the stream underneath."""
+        if self._held or self._pending:
+            logging.debug('a background traceback was cut off: %s', (self._held or [self._pending])[0])
+        self._held, self._pending = [], ''
+        return self._stream
+
     def __getattr__(self, name):      # isatty, fileno, encoding, ...
         return getattr(self._stream, name)
 
@@ -189,6 +197,14 @@ def _write_message(path: str, code: int) -> str:
               errno.EROFS: 'give the run a writable --workdir'}.get(code, 'fix its permissions')
     return (f'cannot write {path}: {os.strerror(code)}. What the run had committed is kept: {advice}, then run '
             'the same command again to resume.')
+
+
+def final_error(message: str) -> None:
+    """Writes the run's last line to stderr on its own line: past a background thread's traceback
+    that the quiet stderr is holding (one that began before this failure was reported would
+    otherwise be printed with this line as its end), which is dropped."""
+    stream = sys.stderr.drop_held() if isinstance(sys.stderr, _QuietStderr) else sys.stderr
+    stream.write(message + '\n')
 
 
 def exit_now(code: int) -> None:

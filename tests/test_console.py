@@ -125,6 +125,21 @@ def test_follow_on_tracebacks_of_background_writers_are_dropped_and_others_kept(
     assert out.getvalue() == '\rbag: 3/4\n' + bug + 'run.py: error: cannot write /w/x: File too large.\n'
 
 
+def test_the_final_error_is_its_own_line_past_a_background_traceback_cut_off(monkeypatch):
+    """A writer thread began a traceback (its first lines held) when the run reported the failure
+    behind it: the run's line is printed alone, not as the end of that traceback (seen once in
+    the ulimit drill of tests/test_write_failures.py)."""
+    out = io.StringIO()
+    stderr = console._QuietStderr(out)
+    monkeypatch.setattr('sys.stderr', stderr)
+    stderr.write('bag: step 42/42\n')
+    stderr.write('Traceback (most recent call last):\n  File "asyncio/base_events.py", line 806, in call_soon_threadsafe\n')
+    console.final_error('run.py: error: cannot write /w/x: File too large.')
+    assert out.getvalue() == 'bag: step 42/42\nrun.py: error: cannot write /w/x: File too large.\n'
+    stderr.write('next\n')                 # nothing held afterwards
+    assert out.getvalue().endswith('File too large.\nnext\n')
+
+
 def test_progress_off_a_terminal_speaks_while_no_step_finishes():
     out = io.StringIO()
     progress = console.Progress(10, desc='bag', unit='iteration', stream=out, terminal=False, every_s=0.2)
