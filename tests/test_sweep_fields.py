@@ -21,9 +21,9 @@ import numpy as np
 import optax
 import pytest
 
-from bag_jax import checkpoint, data, layouts, methods, parallel, settings, step
+from bag_jax import layouts, methods, parallel, settings, step
 from tests import trajectories
-from tests.conftest import tiny_config
+from tests.dfq_setup import config_with, make_setup
 
 # A value per sweepable field, each far from every method's default (configs/base.py), and valid.
 SWEPT = {
@@ -43,22 +43,8 @@ def test_the_swept_values_cover_every_sweepable_field():
 
 
 def configured(digits_teacher, method: str, **fields):
-    c = tiny_config(method)
-    c.teacher.checkpoint = digits_teacher
-    c.warmup_epochs = 0          # the student steps from the first iteration
-    c.lr_milestones = (1,)       # the second epoch decays both rates by lr_decay
-    for field, value in fields.items():
-        node = c
-        *path, last = field.split('.')
-        for part in path:
-            node = node[part]
-        node[last] = value
-    return c
-
-
-def setup_of(config):
-    model, variables, meta = checkpoint.load_teacher(config.teacher.checkpoint)
-    return step.build_setup(settings.parse(config).dfq, model, data.DatasetInfo.from_dict(meta['data'])), variables
+    # The student steps from the first iteration; the second epoch decays both rates by lr_decay.
+    return config_with(digits_teacher, method, warmup_epochs=0, lr_milestones=(1,), **fields)
 
 
 def used_inputs(closed_jaxpr) -> list[bool]:
@@ -79,7 +65,7 @@ def test_the_step_reads_each_swept_field_from_the_run(digits_teacher, method):
     exactly the fields the method's losses read (Method.hypers) and the optimizers' reach the
     outputs. Reading `setup.hypers.X` (the config's constant) instead of the run's value leaves
     X's input unused, and this test names it."""
-    setup, variables = setup_of(configured(digits_teacher, method, sweep={f: [v] for f, v in SWEPT.items()}))
+    setup, variables = make_setup(configured(digits_teacher, method, sweep={f: [v] for f, v in SWEPT.items()}))
     state = jax.tree.map(lambda a: a[0], step.init_states(setup, variables, 0, 1, parallel.make_mesh(jax.devices()[:1]),
                                                           hparams={f: [v] for f, v in SWEPT.items()}))
     fields = sorted(state.hparams)
@@ -114,7 +100,7 @@ def test_a_run_sweeping_every_field_is_that_run_alone(digits_teacher, method):
     for name, config, hparams in (('swept', configured(digits_teacher, method, sweep={f: [v] for f, v in SWEPT.items()}),
                                    sweep.dfq.swept_values()),
                                   ('alone', alone[0], {})):
-        setup, variables = setup_of(config)
+        setup, variables = make_setup(config)
         setup = dataclasses.replace(setup, iters_per_epoch=1)
         mesh = parallel.make_mesh(jax.devices()[:1])
         epoch_fn = layouts.make_train_epoch(setup, mesh, 1, 'python')
