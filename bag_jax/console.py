@@ -48,13 +48,24 @@ def _is_project_record(record: std_logging.LogRecord) -> bool:
     return path.startswith(_PROJECT_FILES) or os.path.basename(path) == 'run.py'
 
 
+def _is_unretrieved_write_failure(record: std_logging.LogRecord) -> bool:
+    """asyncio's 'Task exception was never retrieved' (an ERROR with a traceback) for an orbax
+    write task that failed to write a file: the run reports that failure in one line, and whether
+    asyncio logs each task's copy of it first depends on when the tasks are collected."""
+    return (record.name == 'asyncio' and record.exc_info is not None and record.exc_info[1] is not None
+            and write_failure(record.exc_info[1]) is not None)
+
+
 class _QuietThirdParty(std_logging.Filter):
     """Lets the project's records through, and other libraries' warnings and errors (orbax's
-    only when critical: see _ORBAX)."""
+    only when critical: see _ORBAX; asyncio's unretrieved write failures not at all)."""
 
     def filter(self, record: std_logging.LogRecord) -> bool:
         if _is_project_record(record):
             return True
+        if _is_unretrieved_write_failure(record):
+            logging.debug('a background write failed: %s', record.exc_info[1])
+            return False
         if _ORBAX in (record.pathname or ''):
             return record.levelno >= std_logging.CRITICAL
         return record.levelno >= std_logging.WARNING

@@ -1,6 +1,8 @@
 """What a run shows a person: bag_jax.console."""
 
+import asyncio
 import errno
+import gc
 import io
 import logging as std_logging
 import os
@@ -76,6 +78,50 @@ def test_default_verbosity_keeps_the_projects_lines_and_others_warnings():
         assert handler.filter(record(jax_file, std_logging.WARNING))
         console.configure_logging(1)
         assert handler.filter(record(orbax)) and handler.filter(record(jax_file))
+    finally:
+        console.configure_logging(1)
+
+
+def unretrieved_task_records(error):
+    """The records asyncio itself logs for a task that failed with `error` and was never awaited."""
+    records = []
+
+    class Keep(std_logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    async def fail():
+        raise error
+
+    keep = Keep()
+    std_logging.getLogger('asyncio').addHandler(keep)
+    try:
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(fail())
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
+        del task
+        gc.collect()
+    finally:
+        std_logging.getLogger('asyncio').removeHandler(keep)
+    return records
+
+
+def test_default_verbosity_drops_asyncios_copies_of_a_failed_write_and_keeps_other_task_errors():
+    """orbax writes each array in an asyncio task: on a full disk (seen on CI with 'ulimit -f')
+    asyncio may log every task's copy of the failure before the run reports it once."""
+    handler = logging.get_absl_handler()
+    full = ValueError('OUT_OF_RANGE: Error writing "a/0" in OCDBT database at local file "/w/s/": Failed writing: '
+                      '"/w/s/d/929b": Failed to write 54215 bytes to file 8: File too large [os_error_code=\'27\']')
+    [write] = unretrieved_task_records(full)
+    [bug] = unretrieved_task_records(KeyError('a bug'))
+    assert write.getMessage().startswith('Task exception was never retrieved')
+    try:
+        console.configure_logging(0)
+        assert not handler.filter(write)
+        assert handler.filter(bug)
+        console.configure_logging(1)
+        assert handler.filter(write)
     finally:
         console.configure_logging(1)
 
