@@ -14,11 +14,14 @@ jax.config.update('jax_num_cpu_devices', NUM_TEST_DEVICES)
 # compilation cache shared by the session compiles each once. XLA on CPU compiles slowly.
 # BAG_JAX_TEST_CACHE names a cache to keep between sessions (bench/isa_matrix.sh: one per ISA,
 # since XLA's flags are part of each entry's key).
-_CACHE_DIR = os.environ.get('BAG_JAX_TEST_CACHE') or tempfile.mkdtemp(prefix='bag_jax_test_xla_cache_')
+_CACHE_DIR = os.environ.get('BAG_JAX_TEST_CACHE')
+if not _CACHE_DIR:
+    _CACHE_DIR = tempfile.mkdtemp(prefix='bag_jax_test_xla_cache_')
+    atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+    # pytest-xdist's workers (started after this runs, in the process that removes it) share it.
+    os.environ['BAG_JAX_TEST_CACHE'] = _CACHE_DIR
 # Subprocesses that run.py (tests/test_recovery.py) read the same cache through these.
 CACHE_ENV = {'JAX_COMPILATION_CACHE_DIR': _CACHE_DIR, 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0.5'}
-if not os.environ.get('BAG_JAX_TEST_CACHE'):
-    atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 jax.config.update('jax_compilation_cache_dir', _CACHE_DIR)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
