@@ -30,7 +30,8 @@ w_bits, a_bits <= 8):
 
 Other architectures (ResNet-18/50, MobileNetV2) have the same integer form (every kernel's q,
 zero point and scale), and `make_forward` runs them in float32 on the dequantized kernels
-(`dequantized_forward`): the student's own numbers, its storage saved, not its arithmetic.
+(`dequantized_forward`): the student's own numbers, its storage saved, not its arithmetic. So
+does every architecture on GPUs and TPUs (`make_forward`).
 
 `integer_form(model, variables)` computes that representation from a student's variables;
 `make_forward(arrays, meta)` returns `forward(uint8 images (B, H, W, C)) -> logits (B, classes)`,
@@ -158,11 +159,21 @@ INTEGER_ARCHITECTURES = ('resnet_cifar',)   # those with integer kernels; the ot
 def make_forward(arrays: dict[str, Any], meta: dict[str, Any]) -> Callable[[jax.Array], jax.Array]:
     """forward(images uint8 (B, H, W, C)) -> float32 logits (B, classes) of the student that
     `integer_form` gave `arrays` for; `meta` is its checkpoint metadata (architecture, bit-widths,
-    input normalization). Integer arithmetic for INTEGER_ARCHITECTURES (`integer_forward`), the
-    dequantized form for the others (`dequantized_forward`). Pure jnp: jit it, or export it."""
-    if meta['arch'] in INTEGER_ARCHITECTURES:
-        return integer_forward(arrays, meta)
-    return dequantized_forward(arrays, meta)
+    input normalization). Pure jnp: jit it, or export it.
+
+    On CPUs, integer arithmetic for INTEGER_ARCHITECTURES (`integer_forward`); on every other
+    platform, and for the other architectures, the dequantized form (`dequantized_forward`). XLA
+    on GPUs gives integer convolutions to cuDNN, which has int8 convolutions with an int8 or a
+    float32 output but none accumulating in int32 as `integer_forward` asks (an H100 refused the
+    integer program); a program exported for several platforms holds both forms and the platform
+    that runs it picks its own (`jax.lax.platform_dependent`)."""
+    if meta['arch'] not in INTEGER_ARCHITECTURES:
+        return dequantized_forward(arrays, meta)
+    integer, dequantized = integer_forward(arrays, meta), dequantized_forward(arrays, meta)
+
+    def forward(images: jax.Array) -> jax.Array:
+        return jax.lax.platform_dependent(images, cpu=integer, default=dequantized)
+    return forward
 
 
 def dequantized_forward(arrays: dict[str, Any], meta: dict[str, Any]) -> Callable[[jax.Array], jax.Array]:

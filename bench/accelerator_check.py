@@ -1,6 +1,9 @@
 """The accelerator check: the real BAG W3A3 CIFAR-100 step at batch 16 and 200 for 1, 8 and 32
 runs in one program (num_seeds: bag_jax.sweep spreads them over the devices), and the W4A4 ImageNet steps (ResNet-18, ResNet-50, MobileNetV2 at 224x224, batch 16),
-with the projected wall time of a full 400-epoch x 200-iteration run.
+with the projected wall time of a full 400-epoch x 200-iteration run. First, model.jax on the
+accelerator: a W4A4 ResNet-20 student (random weights) exported as `python -m bag_jax.export`
+writes it, run on the accelerator and on the host CPU (integer kernels there): agreement of
+their predictions, their largest logit difference and the accelerator's latency.
 
     python bench/accelerator_check.py [--steps=50] [--repeats=3] [--method=bag]
 
@@ -32,7 +35,44 @@ SETTINGS = [('ResNet-20 / CIFAR-100 W3A3', cifar100_w3a3, 16, 1), ('ResNet-20 / 
             ('ResNet-50 / ImageNet W4A4', imagenet_resnet50_w4a4, 16, 1)]
 
 
+def check_exported_student() -> None:
+    import time
+
+    import jax
+    import numpy as np
+    from jax import export as jax_export
+
+    from bag_jax import export, integer_inference
+    from bench.onnx_latency import student
+    model, variables, meta, info = student('resnet20', 4, 'wd4')
+    arrays = integer_inference.integer_form(model, variables)
+    shipped = jax_export.deserialize(export.serialize_forward(arrays, meta))
+    images = np.random.default_rng(0).integers(0, 256, (64, *info.image_shape), np.uint8)
+    call = jax.jit(shipped.call)
+    host = np.asarray(call(jax.device_put(images, jax.devices('cpu')[0])))
+    accelerator = jax.devices()[0]
+    on_device = np.asarray(call(jax.device_put(images, accelerator)))
+    latency = {}
+    for batch in (1, 64):
+        x = jax.device_put(images[:batch], accelerator)
+        call(x).block_until_ready()
+        times = []
+        for _ in range(20):
+            start = time.perf_counter()
+            call(x).block_until_ready()
+            times.append(time.perf_counter() - start)
+        latency[batch] = 1e3 * float(np.median(times))
+    print(f'model.jax on {accelerator.device_kind}: agreement with the CPU\'s integer run '
+          f'{np.mean(host.argmax(1) == on_device.argmax(1)):.4f} of 64 random images, largest logit difference '
+          f'{float(np.abs(host - on_device).max()):.3g} (logits up to {float(np.abs(host).max()):.3g}); '
+          f'latency batch 1: {latency[1]:.3f} ms, batch 64: {latency[64]:.3f} ms', flush=True)
+
+
 def main(argv):
+    try:
+        check_exported_student()
+    except Exception as error:    # the timing table still runs; the failure is the finding
+        print(f'model.jax on the accelerator FAILED: {type(error).__name__}: {str(error)[:2000]}', flush=True)
     rows = []
     for label, module, batch, seeds in SETTINGS:
         c = module.get_config(_METHOD.value)

@@ -3,6 +3,7 @@ exported module run without bag-jax, and the export command's checks."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -83,6 +84,39 @@ def test_export_writes_packed_weights_and_a_module_that_runs_without_bag_jax(dig
     assert "('cpu', 'cuda', 'tpu')" in result.stdout and 'uint8[batch,8,8,1]' in result.stdout
     forward = jax.jit(integer_inference.make_forward(arrays, written_meta))
     np.testing.assert_allclose(np.load(tmp_path / 'logits.npy'), forward(images), rtol=1e-5, atol=1e-5)
+
+
+def element_types(lowered_text: str) -> list[tuple[str, ...]]:
+    """(lhs, rhs, result) element types of every convolution of a StableHLO program."""
+    signatures = re.findall(r'stablehlo\.convolution.* : \((tensor<.*?>), (tensor<.*?>)\) -> (tensor<.*?>)$',
+                            lowered_text, re.M)
+    return [tuple(t[len('tensor<'):-1].split('x')[-1] for t in signature) for signature in signatures]
+
+
+def test_model_jax_is_integer_on_cpus_and_dequantized_float_on_gpus_and_tpus(digits_teacher):
+    """XLA on GPUs hands integer convolutions to cuDNN, which cannot accumulate int8 in int32 (an
+    H100 refused the integer program): each platform's compiler gets what it supports."""
+    model, variables, meta, dataset = ptq_student(digits_teacher, 3, 8)
+    arrays = integer_inference.integer_form(model, variables)
+    forward = jax.jit(integer_inference.make_forward(arrays, meta))
+    images = dataset.x_test
+    traced = forward.trace(images[:2])
+    convolutions = {platform: element_types(traced.lower(lowering_platforms=(platform,)).as_text())
+                    for platform in export.PLATFORMS}
+    # CPU: the first conv on the normalized image in float, the others from int8 operands into int32.
+    assert convolutions['cpu'][0] == ('f32', 'f32', 'f32')
+    assert set(convolutions['cpu'][1:]) == {('i8', 'i8', 'i32')}, convolutions['cpu']
+    for platform in ('cuda', 'tpu'):
+        assert set(convolutions[platform]) == {('f32', 'f32', 'f32')}, (platform, convolutions[platform])
+    # What GPUs and TPUs compute, computed here: the student's predictions, as the integer form's.
+    integer = np.asarray(forward(images))
+    floating = np.asarray(jax.jit(integer_inference.dequantized_forward(arrays, meta))(images))
+    fake = np.asarray(model.apply(variables, data.normalize(images, dataset.info)))
+    assert np.mean(floating.argmax(1) == integer.argmax(1)) >= export.AGREEMENT_BAR
+    assert np.mean(floating.argmax(1) == fake.argmax(1)) >= export.AGREEMENT_BAR
+    # The same kernels and quantizers: logits equal to float32 precision but where an activation
+    # on a rounding boundary stepped a level.
+    assert np.mean(np.abs(floating - fake) <= 1e-4 * (1 + np.abs(fake))) >= 0.99
 
 
 def test_export_refuses_bad_input_and_leaves_nothing_half_written(digits_teacher, tmp_path, monkeypatch, capsys):
