@@ -257,7 +257,8 @@ def export(checkpoint_dir: str, out: str, data_config=None, eval_batch_size: int
             serialized = serialize_forward(written, meta)
             with open(os.path.join(partial, MODEL_FILE), 'wb') as f:
                 f.write(serialized)
-            report.update({'integer_arithmetic': meta['arch'] in integer_inference.INTEGER_ARCHITECTURES,
+            integer = meta['arch'] in integer_inference.INTEGER_ARCHITECTURES
+            report.update({'integer_arithmetic': {p: integer and p == 'cpu' for p in PLATFORMS},
                            'platforms': list(PLATFORMS), 'jax_export': jax_export_info(serialized)})
         if write_onnx:
             report['onnx'] = write_onnx_model(written, meta, os.path.join(partial, ONNX_FILE))

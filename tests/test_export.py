@@ -54,6 +54,7 @@ def test_export_writes_packed_weights_and_a_module_that_runs_without_bag_jax(dig
     assert sorted(os.listdir(out)) == ['export.json', 'model.jax', 'weights.npz']
     report = json.loads((out / 'export.json').read_text())
     assert (report['w_bits'], report['a_bits'], report['arch']) == (3, 8, 'resnet_cifar')
+    assert report['integer_arithmetic'] == {'cpu': True, 'cuda': False, 'tpu': False}
     # 3-bit kernels: 3/32 of their float32 bytes.
     assert report['packed_kernel_bytes'] == sum(-(-a.size * 3 // 8) for n, a in integer_inference.integer_form(
         model, variables).items() if n.endswith('/q'))
