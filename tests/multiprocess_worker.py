@@ -38,15 +38,6 @@ def multiprocess_config():
     return c
 
 
-def float_config(c):
-    """`c` without quantizers (W32A32: neither the student nor BAG's generator quantized): the
-    same DFQ step, program and all-reduces, with nothing that can step a level."""
-    c = c.copy_and_resolve_references()
-    c.quant.w_bits = 32
-    c.quant.a_bits = 32
-    return c
-
-
 def sweep_config(teacher_dir: str):
     """`multiprocess_config()` sweeping loss.channel_attention over (0, 5): two runs."""
     c = multiprocess_config()
@@ -65,7 +56,7 @@ def one_step_results(teacher_dir: str) -> dict[str, np.ndarray]:
       calibrate/...         the calibration iteration of `trajectories.dfq_one_step` with the
                             teacher in `teacher_dir` (W8A8): its metrics, gradient and ranges
       float/calibrate/..., float/finetune/...   both iterations of the same step without
-                            quantizers (`float_config`)
+                            quantizers (`trajectories.float_config`)
     """
     import jax.numpy as jnp
     from jax.experimental import multihost_utils
@@ -95,9 +86,9 @@ def one_step_results(teacher_dir: str) -> dict[str, np.ndarray]:
     teacher_model, teacher_variables, _ = checkpoint.load_teacher(teacher_dir)
     setup = step.build_setup(settings.parse(c).dfq, teacher_model, info)
     out.update(trajectories.dfq_one_step(setup, teacher_variables, mesh, c.seed, finetune=False))
-    float_setup = step.build_setup(settings.parse(float_config(c)).dfq, teacher_model, info)
-    out.update({f'float/{k}': v for k, v in trajectories.dfq_one_step(float_setup, teacher_variables, mesh,
-                                                                       c.seed).items()})
+    float_setup = step.build_setup(settings.parse(trajectories.float_config(c)).dfq, teacher_model, info)
+    out.update({f'float/{k}': v for k, v in trajectories.dfq_one_step(
+        float_setup, teacher_variables, mesh, c.seed, student_noise=trajectories.FLOAT_STUDENT_NOISE).items()})
     return out
 
 

@@ -162,11 +162,17 @@ def test_one_program_for_every_epoch_and_sharding_gives_the_single_device_result
     # Four devices with the accelerators' lax.scan loop, one device with the CPU's Python loop.
     placements = {'four': (jax.devices(), 'scan'), 'one': (jax.devices()[:1], 'python')}
     assert len(jax.devices()) == 4
-    # One step from the same state: the losses and gradients of the global batch, whatever the
-    # sharding, to rounding (tests/trajectories.py).
-    steps = {name: trajectories.dfq_one_step(setup, variables, parallel.make_mesh(devices), loop=loop)
-             for name, (devices, loop) in placements.items()}
-    trajectories.assert_one_step_close(steps['four'], steps['one'], c.batch_size, a_bits=c.quant.a_bits)
+    # One step from the same state, whatever the sharding: the quantized step where its inputs
+    # bound it, the losses and gradients of the global batch without quantizers to rounding
+    # (tests/trajectories.py: assert_layouts_close).
+    float_setup, _ = make_setup(trajectories.float_config(c))
+    one_step = lambda s, name, **kw: trajectories.dfq_one_step(s, variables, parallel.make_mesh(placements[name][0]),
+                                                              loop=placements[name][1], **kw)
+    trajectories.assert_layouts_close((one_step(setup, 'four', finetune=False), one_step(setup, 'one', finetune=False)),
+                                      (one_step(float_setup, 'four', student_noise=trajectories.FLOAT_STUDENT_NOISE),
+                                       one_step(float_setup, 'one', student_noise=trajectories.FLOAT_STUDENT_NOISE)),
+                                      c.batch_size,
+                                      c.quant.a_bits)
     # Three epochs (calibration, then fine-tuning past the lr milestone): one program each, and
     # the same student within the spread that training amplifies rounding to.
     results = {}
@@ -191,15 +197,22 @@ def test_seeds_in_one_program_match_separate_runs(digits_teacher):
     c = config_with(digits_teacher, 'adadfq')
     setup, variables = make_setup(c)
     mesh = parallel.make_mesh()
+    setups = {'quantized': setup, 'float': make_setup(trajectories.float_config(c))[0]}
     # Two seeds vmapped inside one scanned program (the accelerator path) against one seed at a
-    # time (the CPU path), one step of each phase from the same states.
-    both = trajectories.dfq_one_step(setup, variables, mesh, first_seed=3, num_seeds=2, loop='scan')
+    # time (the CPU path), from the same states: the quantized calibration step where its inputs
+    # bound it, one step of each phase without quantizers to rounding (assert_layouts_close).
+    one_step = lambda kind, **kw: trajectories.dfq_one_step(
+        setups[kind], variables, mesh, finetune=kind == 'float',
+        student_noise=trajectories.FLOAT_STUDENT_NOISE if kind == 'float' else 0.0, **kw)
+    both = {kind: one_step(kind, first_seed=3, num_seeds=2, loop='scan') for kind in setups}
     for k, seed in enumerate([3, 4]):
-        alone = trajectories.dfq_one_step(setup, variables, mesh, first_seed=seed, num_seeds=1, loop='python')
-        trajectories.assert_one_step_close({name: v[k:k + 1] for name, v in both.items()}, alone, c.batch_size,
-                                           f'seed {seed}: ', a_bits=c.quant.a_bits)
-    gradient = both['calibrate/generator_gradient/l1/kernel']
-    assert not np.allclose(gradient[0], gradient[1]), 'the two seeds trained alike'
+        alone = {kind: one_step(kind, first_seed=seed, num_seeds=1, loop='python') for kind in setups}
+        mine = lambda kind: {name: v[k:k + 1] for name, v in both[kind].items()}
+        trajectories.assert_layouts_close((mine('quantized'), alone['quantized']), (mine('float'), alone['float']),
+                                          c.batch_size, c.quant.a_bits, f'seed {seed}: ')
+    for kind in setups:
+        gradient = both[kind]['calibrate/generator_gradient/l1/kernel']
+        assert not np.allclose(gradient[0], gradient[1]), f'the two seeds trained alike ({kind})'
 
 
 @pytest.mark.parametrize('method', ['gdfq', 'adadfq', 'bag'])

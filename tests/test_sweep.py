@@ -89,31 +89,42 @@ def _with(c, **fields):
 
 def test_two_runs_on_two_rows_match_each_run_alone_on_two_devices(digits_teacher):
     """A 2 runs x 2 data mesh (shard_map over 'runs'), with the CPU's Python loop and the
-    accelerators' scan, against each run trained alone on 2 devices: one step of each phase, to
-    rounding. Also 4 runs on the 2 rows (two runs per row, each computed on its own)."""
+    accelerators' scan, against each run trained alone on 2 devices, from the same states: the
+    quantized calibration step where its inputs bound it, one step of each phase without
+    quantizers to rounding (tests/trajectories.py: assert_layouts_close). Also 4 runs on the 2
+    rows (two runs per row, each computed on its own)."""
     c = config_with(digits_teacher, 'bag')
     c.sweep = {'loss.channel_attention': (0.0, 5.0), 'student.lr': (1e-4, 1e-2)}
-    setup, variables = make_setup(c)
+    configs = {'quantized': c, 'float': trajectories.float_config(c)}
+    setups = {kind: make_setup(config)[0] for kind, config in configs.items()}
+    noise = {'quantized': 0.0, 'float': trajectories.FLOAT_STUDENT_NOISE}
+    _, variables = make_setup(c)
     runs, hp = list(settings.parse(c).dfq.runs), settings.parse(c).dfq.swept_values()
     two_rows = parallel.make_mesh(runs=2)
     assert two_rows.shape == {'runs': 2, 'data': 2}
     alone = {}   # the runs without and with channel attention, at the low and the high rate
     for k in (0, 3):
-        run_config = settings.run_configs(c)[k]
-        run_setup, _ = make_setup(run_config)
-        alone[k] = trajectories.dfq_one_step(run_setup, variables, parallel.make_mesh(jax.devices()[:2]),
-                                             first_seed=run_config.seed)
+        for kind, config in configs.items():
+            run_config = settings.run_configs(config)[k]
+            alone[kind, k] = trajectories.dfq_one_step(make_setup(run_config)[0], variables,
+                                                       parallel.make_mesh(jax.devices()[:2]),
+                                                       first_seed=run_config.seed, finetune=kind == 'float',
+                                                       student_noise=noise[kind])
     for loop, picked in (('python', [0, 3]), ('scan', [3, 0]), ('python', [0, 1, 2, 3])):
-        together = trajectories.dfq_one_step(setup, variables, two_rows, loop=loop, seeds=[runs[k].seed for k in picked],
-                                             hparams={f: v[picked] for f, v in hp.items()})
-        for i, k in ((i, k) for i, k in enumerate(picked) if k in alone):
+        together = {kind: trajectories.dfq_one_step(setups[kind], variables, two_rows, loop=loop,
+                                                    seeds=[runs[k].seed for k in picked],
+                                                    hparams={f: v[picked] for f, v in hp.items()},
+                                                    finetune=kind == 'float', student_noise=noise[kind])
+                    for kind in setups}
+        for i, k in ((i, k) for i, k in enumerate(picked) if k in (0, 3)):
             # A run without channel attention computes none alone; in the sweep it computes the
             # term (its metric) and weighs it 0.
-            mine = {name: v[i:i + 1] for name, v in together.items()
-                    if not (name.endswith('/channel_attention') and runs[k].overrides[0][1] == 0)}
-            trajectories.assert_one_step_close(mine, {name: alone[k][name] for name in mine}, c.batch_size,
-                                               f'{loop}, {runs[k].name}: ', a_bits=c.quant.a_bits)
-    gradient = next(v for name, v in together.items() if name.startswith('finetune/student_gradient/'))
+            mine = lambda kind: {name: v[i:i + 1] for name, v in together[kind].items()
+                                 if not (name.endswith('/channel_attention') and runs[k].overrides[0][1] == 0)}
+            its = lambda kind: {name: alone[kind, k][name] for name in mine(kind)}
+            trajectories.assert_layouts_close((mine('quantized'), its('quantized')), (mine('float'), its('float')),
+                                              c.batch_size, c.quant.a_bits, f'{loop}, {runs[k].name}: ')
+    gradient = next(v for name, v in together['float'].items() if name.startswith('finetune/student_gradient/'))
     assert not np.allclose(gradient[1], gradient[2]), 'the runs trained alike'
 
 

@@ -92,8 +92,73 @@ def assert_rounding_close(a: dict, b: dict, tol: float, what: str = '', per_arra
                                       f'magnitude {scale:.3g} (allowed {tol:g})')
 
 
+def float_config(c):
+    """The ConfigDict `c` without quantizers (W32A32: neither the student nor BAG's generator
+    quantized): the same DFQ step, program and all-reduces, with nothing that can step a level."""
+    c = c.copy_and_resolve_references()
+    c.quant.w_bits = 32
+    c.quant.a_bits = 32
+    return c
+
+
+# The metrics of a quantized calibration iteration that its inputs bound, when they differ in
+# their last bits (`assert_layouts_close`).
+BOUNDED_METRICS = ('/channel_attention', '/agreement', '/teacher_acc', '/bns')
+
+
+def bounded_by_inputs(quantized: dict) -> dict:
+    """Of a quantized one-step result (`dfq_one_step`), what its inputs bound: the calibration
+    iteration's activation ranges (within a level), attention loss (by its terms), batch
+    fractions and the teacher's BN-statistics loss on the generated images."""
+    return {k: v for k, v in quantized.items()
+            if k.startswith('calibrate/') and ('/ranges/' in k or k.endswith(BOUNDED_METRICS))}
+
+
+def assert_layouts_close(quantized: tuple[dict, dict], floating: tuple[dict, dict], batch_size: int, a_bits: int,
+                         what: str = '') -> None:
+    """The same DFQ step on two layouts (meshes, processes, runs vmapped or alone), by design: the
+    layouts sum the batch statistics in other orders, so the quantized step's inputs differ in
+    their last bits and an activation on a quantization boundary can step a level, which moves
+    its losses and gradients by more than rounding. So the quantized step (`dfq_one_step`,
+    calibration alone suffices) is compared where its inputs bound it (`bounded_by_inputs`, to
+    QUANTIZED_ONE_STEP_SPREAD), and the losses and gradients of both phases on the same step
+    without quantizers (`float_config`, the student `FLOAT_STUDENT_NOISE` off the teacher) to
+    rounding; there the student's gradient of AdaDFQ's loss, a cancellation near its maximum,
+    within CANCELLING_GRADIENT_SPREAD of the whole gradient."""
+    (qa, qb), (fa, fb) = quantized, floating
+    bounded = bounded_by_inputs(qb)
+    assert len(bounded) > 4 and any('/ranges/' in k for k in bounded), sorted(qb)
+    assert_one_step_close(bounded_by_inputs(qa), bounded, batch_size, what + 'quantized step: ',
+                          tol=QUANTIZED_ONE_STEP_SPREAD, a_bits=a_bits)
+    student = 'finetune/student_gradient/'
+    part = lambda d, inside: {k: v for k, v in d.items() if k.startswith(student) == inside}
+    assert part(fb, True) and part(fb, False), sorted(fb)
+    assert_rounding_close(part(fa, True), part(fb, True), CANCELLING_GRADIENT_SPREAD, what + 'float step: ',
+                          per_array=False)
+    assert_one_step_close(part(fa, False), part(fb, False), batch_size, what + 'float step: ')
+
+
+# How far the float step's student starts from the teacher (`dfq_one_step`'s student_noise):
+# without quantizers the student is the teacher's copy, where AdaDFQ's and BAG's generator losses
+# sit on their kinks (|p_s - p_t| at 0): two layouts whose student and teacher forwards differ in
+# their last bits (runs vmapped or alone) then took other branches (loss_g 1.378 against 1.166).
+FLOAT_STUDENT_NOISE = 0.05
+
+
+def perturbed(params, scale: float):
+    """`params` (a leading run axis) plus Gaussian noise of `scale` times each array's standard
+    deviation, the same noise for every run, on the arrays' own shardings."""
+    def perturb(tree):
+        leaves, treedef = jax.tree.flatten(tree)
+        keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
+        return jax.tree.unflatten(treedef, [x + scale * jnp.std(x) * jax.random.normal(k, x.shape[1:], x.dtype)
+                                            for x, k in zip(leaves, keys)])
+    return jax.jit(perturb, out_shardings=jax.tree.map(lambda a: a.sharding, params))(params)
+
+
 def dfq_one_step(setup, teacher_variables, mesh, first_seed: int = 0, num_seeds: int = 1,
-                 loop: str = 'python', seeds=None, hparams=None, finetune: bool = True) -> dict[str, np.ndarray]:
+                 loop: str = 'python', seeds=None, hparams=None, finetune: bool = True,
+                 student_noise: float = 0.0) -> dict[str, np.ndarray]:
     """One DFQ iteration of each phase from the initial states of seeds first_seed.. (or of the
     runs of `seeds` and swept `hparams`, as step.init_states takes them) on `mesh`, with the epoch
     loop `loop` (every process calls it together). Arrays have a leading run axis.
@@ -103,6 +168,8 @@ def dfq_one_step(setup, teacher_variables, mesh, first_seed: int = 0, num_seeds:
       finetune/...    one iteration after warm-up, from the initial states with those ranges:
                       metrics, the generator's gradient and the student's (`sgd_gradient`);
                       left out with `finetune=False`
+
+    `student_noise`: the student starts `perturbed` by that much from the teacher's copy.
     """
     from bag_jax import layouts, parallel, step
     setup = dataclasses.replace(setup, iters_per_epoch=1)
@@ -110,6 +177,8 @@ def dfq_one_step(setup, teacher_variables, mesh, first_seed: int = 0, num_seeds:
     num_seeds = num_seeds if seeds is None else len(seeds)
     epoch_fn = layouts.make_train_epoch(setup, mesh, num_seeds, loop)
     initial = step.init_states(setup, teacher_variables, first_seed, num_seeds, mesh, seeds=seeds, hparams=hparams)
+    if student_noise:
+        initial = initial.replace(stu_params=perturbed(initial.stu_params, student_noise))
     calibrated, m = epoch_fn(jax.tree.map(jnp.copy, initial), teacher_variables, jnp.int32(0))
     out = {}
     out.update({f'calibrate/metrics/{k}': v for k, v in flat(m).items()})
