@@ -6,7 +6,15 @@ import shutil
 import sys
 import tempfile
 
-import jax
+# XLA's LLVM back end without its expensive optimization passes: the suite compiles far more
+# than it computes (one test: 91 s, 70 s so, on a 2-core Intel Xeon). Programs the tests start
+# (run.py, the two processes, the notebook) inherit it. The tests' comparisons hold whatever the
+# last bits of a CPU's code (tests/trajectories.py); users' runs compile with XLA's defaults.
+TEST_XLA_FLAGS = '--xla_llvm_disable_expensive_passes=true'
+if TEST_XLA_FLAGS not in os.environ.get('XLA_FLAGS', ''):
+    os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+
+import jax  # noqa: E402
 
 NUM_TEST_DEVICES = 4
 jax.config.update('jax_num_cpu_devices', NUM_TEST_DEVICES)
