@@ -1,7 +1,10 @@
-"""The losses of GDFQ, AdaDFQ and BAG as pure functions of arrays (docs/algorithms.md 4 and 8.2b).
+"""The losses of GDFQ, AdaDFQ and BAG as pure functions of arrays (docs/algorithms.md 4 and 8.2b),
+and the student-side terms of HAST and SynQ (selective cross-entropy, Grad-CAM alignment, the
+sign-gradient perturbation), read from their code: snudm-starlab/SynQ at 8681480 and
+lihuantong/HAST at 83dfc16.
 
 Notation: t = teacher logits P(x), s = student logits Q(x), y = the labels the generator was
-conditioned on, all (B, C) / (B,). Each function returns a scalar (float32 array).
+conditioned on, all (B, C) / (B,). Each loss returns a scalar (float32 array).
 """
 
 from __future__ import annotations
@@ -148,3 +151,25 @@ def channel_attention_loss(student_features: Sequence[jax.Array], teacher_featur
         else:
             total += jnp.mean(jnp.sum(jnp.square(a_s - a_t), axis=-1))
     return total
+
+
+def selective_cross_entropy(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array,
+                            tau: float) -> jax.Array:
+    """SynQ's selective cross-entropy (SelCE): CE(s, y) only on the samples the teacher finds easy.
+
+    Sample b is kept where its difficulty 1 - p_t(y_b) is below tau, p_t = softmax(t): the strict
+    `(1 - p) < tau` of SynQ src/trainer_direct.py:495-499, that is p_t(y_b) > 1 - tau. The teacher
+    only selects; no gradient reaches it.
+
+    The average is SynQ's (src/trainer_direct.py:287-292): a dropped sample is not removed but
+    replaced by all-zero logits and label 0, and nn.CrossEntropyLoss takes the mean over the full
+    batch. Each dropped sample therefore adds log C, a constant without gradient:
+        value = (sum_{kept} CE(s_b, y_b) + (B - n_kept) log C) / B,
+    whose gradient is that of mean_b(keep_b * CE(s_b, y_b)). A batch with no sample kept gives
+    log C and a zero gradient; with all kept it is `cross_entropy(s, y)`. Returns a scalar.
+    """
+    p_label = jnp.take_along_axis(jax.nn.softmax(teacher_logits, axis=-1), labels[:, None], axis=-1)[:, 0]
+    keep = jax.lax.stop_gradient((1.0 - p_label) < tau)
+    kept_logits = jnp.where(keep[:, None], student_logits, jnp.zeros_like(student_logits))
+    kept_labels = jnp.where(keep, labels, jnp.zeros_like(labels))
+    return cross_entropy(kept_logits, kept_labels)
