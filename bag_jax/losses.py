@@ -9,13 +9,16 @@ conditioned on, all (B, C) / (B,). Each loss returns a scalar (float32 array).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
 # AKT's second softening of its channel-attention vectors (docs/algorithms.md 8.2b).
 SOFTMAX_ATTENTION_TEMPERATURE = 8.0
+# SynQ's Grad-CAM epsilon: the nudge of zero gradients, the floor of the channel weights and the
+# min-max normalization's guard (SynQ src/gradcam.py:122, 167-168, 179, 193).
+GRAD_CAM_EPS = 1e-10
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -173,3 +176,52 @@ def selective_cross_entropy(student_logits: jax.Array, teacher_logits: jax.Array
     kept_logits = jnp.where(keep[:, None], student_logits, jnp.zeros_like(student_logits))
     kept_labels = jnp.where(keep, labels, jnp.zeros_like(labels))
     return cross_entropy(kept_logits, kept_labels)
+
+
+def grad_cam(head: Callable[[jax.Array], jax.Array], features: jax.Array,
+             image_size: tuple[int, int]) -> jax.Array:
+    """SynQ's Grad-CAM map of each sample's top-1 class (SynQ src/gradcam.py:114-195).
+
+    `features` is F, the output of the network's last convolution (B, h, w, K), NHWC; `head` maps
+    F to the logits (B, C) (in SynQ, F is the output of the last Conv2d module itself, so the head
+    starts at that convolution's BatchNorm). With g = d(logit of argmax_c)/dF, computed per sample:
+      1. if any element of g (over the whole batch) is exactly 0, every element gets +1e-10,
+         repeated while one still is (SynQ's `while torch.any(gradients == 0)`);
+      2. channel weights w_bk = max(mean_hw g_bhwk, 1e-10): the weights are clamped, at 1e-10
+         rather than 0, so a sample whose weights are all negative gets the map of 1e-10 * sum_k F;
+      3. map = ReLU(sum_k w_k F_k), (B, h, w);
+      4. upsampled to `image_size` (H, W) bilinearly with half-pixel centres, PyTorch's
+         F.interpolate(mode='bilinear', align_corners=False): jax.image.resize with
+         antialias=False computes the same (checked in tests/test_synq_terms.py);
+      5. min-max normalized per sample: (m - min) / (max - min + 1e-10).
+    The weights are constants (stop_gradient), as SynQ's come from a backward hook without
+    create_graph: a gradient of the map reaches `head`'s parameters and the network below only
+    through F. Returns (B, H, W) in [0, 1], of F's dtype.
+    """
+    logits, pullback = jax.vjp(head, jax.lax.stop_gradient(features))
+    top1 = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=logits.dtype)
+    # Cut the gradient before the loop: reverse-mode differentiation cannot pass a while_loop.
+    grads = jax.lax.stop_gradient(pullback(top1)[0])
+    grads = jax.lax.while_loop(lambda g: jnp.any(g == 0), lambda g: g + GRAD_CAM_EPS, grads)
+    weights = jnp.maximum(jnp.mean(grads, axis=(1, 2)), GRAD_CAM_EPS)
+    cam = jax.nn.relu(jnp.sum(features * weights[:, None, None, :], axis=-1))
+    cam = jax.image.resize(cam, (cam.shape[0], *image_size), 'bilinear', antialias=False)
+    lo = jnp.min(cam, axis=(1, 2), keepdims=True)
+    hi = jnp.max(cam, axis=(1, 2), keepdims=True)
+    return (cam - lo) / (hi - lo + GRAD_CAM_EPS)
+
+
+def cam_alignment_loss(student_head: Callable[[jax.Array], jax.Array], student_features: jax.Array,
+                       teacher_head: Callable[[jax.Array], jax.Array], teacher_features: jax.Array,
+                       image_size: tuple[int, int]) -> jax.Array:
+    """SynQ's CAM alignment: MSE(map_T, map_S) of the two `grad_cam` maps (SynQ
+    src/trainer_direct.py:255-274), the mean over B * H * W.
+
+    Each network's map is of its own top-1 class. The teacher's map is a constant
+    (stop_gradient); the student's reaches the student only through `student_features` (see
+    `grad_cam`). SynQ computes both on the clean images, not the perturbed ones (:531). Returns a
+    scalar; SynQ weighs it by lambda_CAM (200 by default, src/main_direct.py:617).
+    """
+    map_t = jax.lax.stop_gradient(grad_cam(teacher_head, teacher_features, image_size))
+    map_s = grad_cam(student_head, student_features, image_size)
+    return jnp.mean(jnp.square(map_t - map_s))

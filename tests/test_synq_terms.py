@@ -6,6 +6,7 @@ Gaussian low-pass filter and the L_p clipping search. Tiny shapes only."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from bag_jax import losses
 
@@ -80,3 +81,145 @@ def test_selective_cross_entropy_threshold_is_strict():
     y = np.array([0])
     np.testing.assert_allclose(selce_value_and_grads(s, t, y, 0.5)[0], np.log(2), rtol=1e-6)
     np.testing.assert_allclose(selce_value_and_grads(s, t, y, 0.5 + 1e-6)[0], np.log(1 + np.exp(-2.0)), rtol=1e-6)
+
+
+# --- Grad-CAM -------------------------------------------------------------------------------
+
+def np_resize_bilinear(m, out_h, out_w):
+    """PyTorch's F.interpolate(mode='bilinear', align_corners=False), written out: source index
+    (i + 0.5) * in / out - 0.5, clamped at 0; neighbours floor and floor + 1, clamped at the end.
+    m: (B, h, w)."""
+    def matrix(n_in, n_out):
+        a = np.zeros((n_out, n_in))
+        for i in range(n_out):
+            src = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
+            i0 = min(int(np.floor(src)), n_in - 1)
+            i1 = min(i0 + 1, n_in - 1)
+            lam = src - i0
+            a[i, i0] += 1 - lam
+            a[i, i1] += lam
+        return a
+    ry, rx = matrix(m.shape[1], out_h), matrix(m.shape[2], out_w)
+    return np.einsum('Hh,bhw,Ww->bHW', ry, m, rx)
+
+
+def np_cam(f, grads, size, eps=1e-10):
+    """SynQ's GradCAM.forward after the backward pass, in float64 (gradcam.py:167-193)."""
+    f, g = f.astype(np.float64), grads.astype(np.float64)
+    while np.any(g == 0):
+        g = g + eps
+    w = np.maximum(g.mean(axis=(1, 2)), eps)                            # (B, K)
+    m = np.maximum((f * w[:, None, None, :]).sum(-1), 0.0)
+    m = np_resize_bilinear(m, *size)
+    lo = m.min(axis=(1, 2), keepdims=True)
+    hi = m.max(axis=(1, 2), keepdims=True)
+    return (m - lo) / (hi - lo + eps)
+
+
+def pool_dense_head(w, b):
+    """Global average pool, then dense: d logit_k / dF_hwc = W[c, k] / (h w)."""
+    return lambda f: jnp.mean(f, axis=(1, 2)) @ w + b
+
+
+def np_pool_dense_grads(f, w, b):
+    f64 = f.astype(np.float64)
+    top1 = np.argmax(f64.mean(axis=(1, 2)) @ w + b, axis=-1)
+    h, wd = f.shape[1:3]
+    return np.broadcast_to((w[:, top1].T / (h * wd))[:, None, None, :], f.shape), top1
+
+
+@pytest.mark.parametrize('feature_shape, size', [((3, 4, 4, 6), (16, 16)), ((2, 3, 5, 4), (8, 12))])
+def test_grad_cam_against_numpy(feature_shape, size):
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(feature_shape[-1], 5)).astype(np.float32)
+    b = rng.normal(size=5).astype(np.float32) * 0.1
+    # Sample i leans towards class i, so the samples' top-1 classes differ.
+    f = (rng.normal(size=feature_shape) + 0.3 + 1.5 * w.T[:feature_shape[0], None, None, :]).astype(np.float32)
+    grads, top1 = np_pool_dense_grads(f, w, b)
+    logits = f.astype(np.float64).mean(axis=(1, 2)) @ w + b
+    assert np.all(np.sort(logits, -1)[:, -1] - np.sort(logits, -1)[:, -2] > 1e-3)   # a clear top 1
+    assert len(set(top1.tolist())) > 1
+    got = losses.grad_cam(pool_dense_head(jnp.asarray(w), jnp.asarray(b)), jnp.asarray(f), size)
+    assert got.shape == (feature_shape[0], *size)
+    np.testing.assert_allclose(got, np_cam(f, grads, size), rtol=1e-5, atol=1e-6)
+    assert np.allclose(np.min(got, axis=(1, 2)), 0) and np.allclose(np.max(got, axis=(1, 2)), 1, atol=1e-6)
+
+
+def test_grad_cam_floors_weights_and_nudges_zero_gradients():
+    # Class 0 wins (bias); its column is negative but for one zero: every weight is floored at
+    # 1e-10, and the map is the normalized ReLU(1e-10 sum_k F_k), not zero.
+    rng = np.random.default_rng(3)
+    f = rng.normal(size=(2, 4, 4, 3)).astype(np.float32)
+    w = np.array([[-1.0, 0.5], [0.0, 0.2], [-0.5, 1.0]], np.float32)
+    b = np.array([100.0, 0.0], np.float32)
+    grads, top1 = np_pool_dense_grads(f, w, b)
+    assert np.all(top1 == 0) and np.any(grads == 0)
+    got = np.asarray(losses.grad_cam(pool_dense_head(jnp.asarray(w), jnp.asarray(b)), jnp.asarray(f), (8, 8)))
+    expected = np_cam(f, grads, (8, 8))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    m = np.maximum(f.astype(np.float64).sum(-1), 0.0) * 1e-10          # the floored weights' map
+    assert np.max(got) > 0.5 and np.max(m) < 1e-8
+
+
+def square_pool_dense_head(w, b):
+    """mean_hw(F^2) then dense: d logit_k / dF_hwc = 2 F_hwc W[c, k] / (h w), so the Grad-CAM
+    weights depend on F and stopping their gradient matters."""
+    return lambda f: jnp.mean(jnp.square(f), axis=(1, 2)) @ w + b
+
+
+def np_square_head_grads(f, w, b):
+    f = f.astype(np.float64)
+    top1 = np.argmax((f**2).mean(axis=(1, 2)) @ w + b, axis=-1)
+    return 2 * f * w[:, top1].T[:, None, None, :] / (f.shape[1] * f.shape[2])
+
+
+def test_cam_alignment_loss_value_and_gradient_through_features_only():
+    rng = np.random.default_rng(4)
+    size = (8, 8)
+    f_s = rng.normal(size=(2, 4, 4, 3)) + 0.5
+    f_t = rng.normal(size=(2, 4, 4, 3)) + 0.5
+    w_s, w_t = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
+    b = np.zeros(4)
+    m_t = np_cam(f_t, np_square_head_grads(f_t, w_t, b), size)
+
+    def np_loss(fs, frozen_grads=None):
+        grads = np_square_head_grads(fs, w_s, b) if frozen_grads is None else frozen_grads
+        return np.mean((m_t - np_cam(fs, grads, size))**2)
+
+    b32 = jnp.asarray(b, jnp.float32)
+    teacher_head = square_pool_dense_head(jnp.asarray(w_t, jnp.float32), b32)
+
+    def loss(fs, ws):
+        return losses.cam_alignment_loss(square_pool_dense_head(ws, b32), fs, teacher_head,
+                                         jnp.asarray(f_t, jnp.float32), size)
+    value, (g_f, g_w) = jax.value_and_grad(loss, argnums=(0, 1))(jnp.asarray(f_s, jnp.float32),
+                                                                 jnp.asarray(w_s, jnp.float32))
+    np.testing.assert_allclose(float(value), np_loss(f_s), rtol=1e-4)
+    # The head's parameters get nothing: the weights are constants, and F does not depend on them.
+    assert np.all(np.asarray(g_w) == 0)
+    # The gradient w.r.t. F: central differences with the Grad-CAM weights frozen at f_s's.
+    frozen = np_square_head_grads(f_s, w_s, b)
+    h = 1e-6
+    fd = np.zeros_like(f_s)
+    for i in np.ndindex(f_s.shape):
+        up, down = f_s.copy(), f_s.copy()
+        up[i] += h
+        down[i] -= h
+        fd[i] = (np_loss(up, frozen) - np_loss(down, frozen)) / (2 * h)
+    scale = np.max(np.abs(fd))
+    np.testing.assert_allclose(np.asarray(g_f), fd, atol=2e-3 * scale)
+    # Differentiating through the weights too would give another gradient.
+    full = np.zeros_like(f_s)
+    for i in np.ndindex(f_s.shape):
+        up, down = f_s.copy(), f_s.copy()
+        up[i] += h
+        down[i] -= h
+        full[i] = (np_loss(up) - np_loss(down)) / (2 * h)
+    assert np.max(np.abs(full - fd)) > 0.1 * scale
+
+
+def test_jax_image_resize_is_pytorch_bilinear_without_align_corners():
+    m = np.random.default_rng(5).normal(size=(2, 3, 5))
+    for size in [(12, 10), (6, 15), (2, 3)]:
+        got = jax.image.resize(jnp.asarray(m, jnp.float32), (2, *size), 'bilinear', antialias=False)
+        np.testing.assert_allclose(got, np_resize_bilinear(m, *size), rtol=1e-5, atol=1e-6)
