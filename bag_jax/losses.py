@@ -225,3 +225,19 @@ def cam_alignment_loss(student_head: Callable[[jax.Array], jax.Array], student_f
     map_t = jax.lax.stop_gradient(grad_cam(teacher_head, teacher_features, image_size))
     map_s = grad_cam(student_head, student_features, image_size)
     return jnp.mean(jnp.square(map_t - map_s))
+
+
+def sign_perturbation(loss_fn: Callable[[jax.Array], jax.Array], x: jax.Array, epsilon: float) -> jax.Array:
+    """HAST's perturbed input x + epsilon * sign(grad_x loss_fn(x)) (HAST trainer_direct.py:304-316;
+    SynQ src/trainer_direct.py:511-515 takes it as is), with sign(0) = 0 (torch.sgn).
+
+    The perturbation is a constant (stop_gradient): the gradient of the result with respect to x
+    is the identity. HAST detaches the whole perturbed image; its x is data, so the two agree,
+    and where x carries a gradient (a generator batch) pass stop_gradient(x) for HAST's behaviour.
+    In HAST and SynQ the loss whose input gradient is taken is the student loss with the teacher
+    evaluated on x too (its logits are not detached there), so `loss_fn` should run both
+    networks. HAST's epsilon is 0.01 (hard-coded, options.py:60-61). Returns an array of x's
+    shape and dtype.
+    """
+    grad = jax.grad(loss_fn)(x)
+    return x + jax.lax.stop_gradient(epsilon * jnp.sign(grad)).astype(x.dtype)

@@ -223,3 +223,19 @@ def test_jax_image_resize_is_pytorch_bilinear_without_align_corners():
     for size in [(12, 10), (6, 15), (2, 3)]:
         got = jax.image.resize(jnp.asarray(m, jnp.float32), (2, *size), 'bilinear', antialias=False)
         np.testing.assert_allclose(got, np_resize_bilinear(m, *size), rtol=1e-5, atol=1e-6)
+
+
+# --- HAST's sign-gradient perturbation ----------------------------------------------------------
+
+def test_sign_perturbation_of_a_quadratic():
+    # loss = sum a (x - c)^2, gradient 2 a (x - c): zero where x = c or a = 0.
+    a = jnp.array([1.0, 2.0, 0.0, 0.5, 3.0])
+    c = jnp.array([0.5, -1.0, 2.0, 0.25, 1.0])
+    x = jnp.array([1.0, -1.0, 0.0, -0.75, 1.5])
+    loss = lambda v: jnp.sum(a * jnp.square(v - c))     # noqa: E731
+    got = losses.sign_perturbation(loss, x, 0.01)
+    expected = np.array([1.0, -1.0, 0.0, -0.75, 1.5]) + 0.01 * np.array([1, 0, 0, -1, 1])
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    # The perturbation is a constant: the Jacobian w.r.t. x is the identity.
+    jacobian = jax.jacobian(lambda v: losses.sign_perturbation(loss, v, 0.01))(x)
+    np.testing.assert_array_equal(jacobian, np.eye(5))
