@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from bag_jax import losses
+from bag_jax.data import transforms
 
 
 def np_softmax(z):
@@ -239,3 +240,49 @@ def test_sign_perturbation_of_a_quadratic():
     # The perturbation is a constant: the Jacobian w.r.t. x is the identity.
     jacobian = jax.jacobian(lambda v: losses.sign_perturbation(loss, v, 0.01))(x)
     np.testing.assert_array_equal(jacobian, np.eye(5))
+
+
+# --- low-pass filter ----------------------------------------------------------------------------
+
+def np_low_pass(images, d0):
+    """SynQ's filter with explicit DFT matrices in float64, the mask written in the unshifted
+    layout: frequency k of an n-point DFT is k for k < n - n // 2, else k - n (fftshift's centre
+    index n // 2 holds frequency 0)."""
+    images = images.astype(np.float64)
+    _, h, w, _ = images.shape
+
+    def dft(n):
+        k = np.arange(n)
+        return np.exp(-2j * np.pi * np.outer(k, k) / n)
+
+    def freq(n):
+        k = np.arange(n)
+        return np.where(k < n - n // 2, k, k - n)
+    mask = np.exp(-(freq(h)[:, None]**2 + freq(w)[None, :]**2) / (2 * d0**2))
+    fy, fx = dft(h), dft(w)
+    spectrum = np.einsum('Hh,nhwc,Ww->nHWc', fy, images, fx) * mask[None, :, :, None]
+    back = np.einsum('hH,nHWc,wW->nhwc', fy.conj() / h, spectrum, fx.conj() / w)
+    return back.real
+
+
+@pytest.mark.parametrize('shape, d0', [((2, 8, 8, 3), 3.0), ((1, 7, 5, 2), 2)])
+def test_low_pass_filter_against_numpy_dft(shape, d0):
+    images = np.random.default_rng(6).normal(size=shape).astype(np.float32)
+    got = transforms.low_pass_filter(jnp.asarray(images), d0)
+    assert got.shape == shape and got.dtype == jnp.float32
+    expected = np_low_pass(images, d0)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert np.max(np.abs(expected - images)) > 0.1                       # it does filter
+
+
+def test_low_pass_filter_passes_constants_and_mask_values():
+    const = jnp.full((2, 8, 6, 3), 0.7, jnp.float32) * jnp.arange(1.0, 4.0)
+    np.testing.assert_allclose(transforms.low_pass_filter(const, 1.5), const, rtol=1e-5)
+    mask = transforms.gaussian_low_pass_mask(32, 32, 20)
+    assert float(mask[16, 16]) == 1.0
+    np.testing.assert_allclose(float(mask[0, 0]), np.exp(-(16**2 + 16**2) / 800), rtol=1e-6)
+    assert round(float(mask[0, 0]), 2) == 0.53
+    assert round(float(transforms.gaussian_low_pass_mask(32, 32, 80)[0, 0]), 2) == 0.96
+    assert round(float(transforms.gaussian_low_pass_mask(224, 224, 80)[0, 0]), 2) == 0.14
+    with pytest.raises(ValueError, match='d0'):
+        transforms.gaussian_low_pass_mask(8, 8, 0)

@@ -21,9 +21,9 @@ The last two get the reference's evaluation transform (docs/imagenet.md 6), with
 
 Modules: types.py (DatasetInfo, ArrayDataset, StreamingDataset, errors, process shares),
 sources.py (the registry, load_dataset, dataset_info), one module per source family (above),
-transforms.py (normalize, augment), batches.py (train_batches, eval_batches, steps_per_epoch),
-streamer.py (the threaded reader of a StreamingDataset). This package re-exports their public
-names: `from bag_jax import data; data.load_dataset(...)`.
+transforms.py (normalize, augment, low_pass_filter), batches.py (train_batches, eval_batches,
+steps_per_epoch), streamer.py (the threaded reader of a StreamingDataset). This package
+re-exports their public names: `from bag_jax import data; data.load_dataset(...)`.
 """
 
 from bag_jax.data.batches import eval_batches, steps_per_epoch, train_batches
@@ -35,7 +35,7 @@ from bag_jax.data.sources import (DATA_FIELDS, REGISTRY, SOURCES, STREAMING_SOUR
                                   class_names, crops_to_image_size, dataset_info, family, load_dataset, source)
 from bag_jax.data.tfds_cifar import (CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, CIFAR100_CLASSES, CIFAR100_MEAN,
                                      CIFAR100_STD)
-from bag_jax.data.transforms import augment, normalize
+from bag_jax.data.transforms import augment, gaussian_low_pass_mask, low_pass_filter, normalize
 from bag_jax.data.types import (AUGMENTATIONS, ArrayDataset, DatasetInfo, DatasetUnavailableError,
                                 NoTrainSplitError, StreamingDataset, require_train_split)
 
@@ -44,7 +44,7 @@ __all__ = [
     'CIFAR100_MEAN', 'CIFAR100_STD', 'DATA_FIELDS', 'DatasetInfo', 'DatasetUnavailableError', 'IMAGE_EXTENSIONS',
     'IMAGENET_CLASSES', 'IMAGENET_IMAGE_SIZE', 'IMAGENET_MEAN', 'IMAGENET_STD', 'NoTrainSplitError', 'REGISTRY',
     'SOURCES', 'STREAMING_SOURCES', 'Source', 'StreamingDataset', 'augment', 'cifar_info', 'class_names',
-    'crops_to_image_size', 'dataset_info', 'eval_batches', 'family', 'imagenet_class_ids',
-    'imagenet_info', 'imagenet_resize_size', 'load_dataset', 'normalize', 'preprocess_image', 'read_image',
-    'require_train_split', 'source', 'steps_per_epoch', 'train_batches',
+    'crops_to_image_size', 'dataset_info', 'eval_batches', 'family', 'gaussian_low_pass_mask',
+    'imagenet_class_ids', 'imagenet_info', 'imagenet_resize_size', 'load_dataset', 'low_pass_filter', 'normalize',
+    'preprocess_image', 'read_image', 'require_train_split', 'source', 'steps_per_epoch', 'train_batches',
 ]
