@@ -26,6 +26,8 @@ STE_MODES = ('identity', 'clipped')
 RANGE_RULES = ('reference', 'ema')
 # QuantAct's running-range factor, hard-coded in the reference (docs/algorithms.md 2.4).
 RANGE_MOMENTUM = 0.9
+# SynQ's QuantActMSE shrinks the range by the factors 1 - 0.01 i (quant_modules.py:180-182).
+LP_CLIP_STEP = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +122,46 @@ def fake_quant(x: jax.Array, lo: jax.Array, hi: jax.Array, bits: int, ste: str =
     lo = jnp.asarray(lo, x.dtype)
     hi = jnp.asarray(hi, x.dtype)
     return _fake_quant(x, lo, hi, int(bits), ste)
+
+
+def lp_clip_range(samples: jax.Array, bits: int, p: float = 2.4,
+                  num_candidates: int = 80) -> tuple[jax.Array, jax.Array]:
+    """The per-tensor activation range that minimizes the L_p quantization error: SynQ's unused
+    QuantActMSE search (SynQ src/quantization_utils/quant_modules.py:159-195; the error is
+    lp_loss(reduction='all') and the quantizer find_mse_smallest, quant_utils.py:29-63).
+
+    With m, M the min and max of `samples` (any shape, one tensor), candidate i in
+    0..num_candidates-1 is the range [m f_i, M f_i], f_i = 1 - 0.01 i (80 factors: 1.00 down to
+    0.21; both ends scale towards 0, so a range [0, M] after a ReLU only lowers M). Each
+    candidate's error is mean |x - fq(x)|^p over the samples, fq the asymmetric `bits`-bit
+    quantize-dequantize of this module (the same formula as SynQ's); the first smallest wins
+    (SynQ's strict `<`), so ties keep the wider range. Returns (lo, hi), scalars of the samples'
+    dtype, under stop_gradient.
+
+    Choices: this is SynQ's search for one batch only, static. SynQ runs it on every calibration
+    batch and folds each batch's best range into a plain 0.9 EMA started at 0, without the bias
+    correction of its QuantAct (:193-195); how samples are gathered is left to the caller. SynQ
+    starts best_score at 1e10 and fails if no candidate beats it; here one always wins.
+    """
+    bits = check_bits(bits, 'bits')
+    if bits is None:
+        raise ValueError('lp_clip_range: bits=32 (full precision) has no range to search.')
+    if not (isinstance(num_candidates, int) and 1 <= num_candidates <= round(1 / LP_CLIP_STEP)):
+        raise ValueError(f'num_candidates={num_candidates!r}: use an integer from 1 to {round(1 / LP_CLIP_STEP)} '
+                         f'(the factors 1 - {LP_CLIP_STEP} i must stay positive).')
+    if not p > 0:
+        raise ValueError(f'p={p!r}: the L_p exponent must be positive.')
+    x = jax.lax.stop_gradient(jnp.ravel(samples))
+    x_min, x_max = jnp.min(x), jnp.max(x)
+    # SynQ multiplies a float32 tensor by the Python float 1.0 - i * 0.01.
+    factors = jnp.asarray([1.0 - i * LP_CLIP_STEP for i in range(num_candidates)], x.dtype)
+
+    def error(factor):
+        return jnp.mean(jnp.abs(x - _quantize_dequantize(x, x_min * factor, x_max * factor, bits)) ** p)
+
+    # One candidate at a time: the samples may be a whole layer's activations.
+    best = factors[jnp.argmin(jax.lax.map(error, factors))]
+    return x_min * best, x_max * best
 
 
 def weight_range(w: jax.Array) -> tuple[jax.Array, jax.Array]:

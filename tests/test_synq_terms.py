@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bag_jax import losses
+from bag_jax import losses, quant
 from bag_jax.data import transforms
+from tests.quant_reference import numpy_reference
 
 
 def np_softmax(z):
@@ -286,3 +287,54 @@ def test_low_pass_filter_passes_constants_and_mask_values():
     assert round(float(transforms.gaussian_low_pass_mask(224, 224, 80)[0, 0]), 2) == 0.14
     with pytest.raises(ValueError, match='d0'):
         transforms.gaussian_low_pass_mask(8, 8, 0)
+
+
+# --- L_p clipping search --------------------------------------------------------------------------
+
+def brute_force_lp_clip(x, bits, p=2.4, num_candidates=80):
+    """SynQ's QuantActMSE loop: candidates in order, the first strictly smaller error wins.
+    Returns (lo, hi, scores)."""
+    x = np.asarray(x, np.float32).ravel()
+    x_min, x_max = x.min(), x.max()
+    best, scores = None, []
+    for i in range(num_candidates):
+        f = np.float32(1.0 - i * 0.01)
+        lo, hi = x_min * f, x_max * f
+        score = np.mean(np.abs(x.astype(np.float64) - numpy_reference(x, lo, hi, bits))**p)
+        scores.append(score)
+        if best is None or score < best[0]:
+            best = (score, lo, hi)
+    return best[1], best[2], np.array(scores)
+
+
+@pytest.mark.parametrize('bits', [2, 3, 4])
+def test_lp_clip_range_against_brute_force(bits):
+    x = np.random.default_rng(bits).normal(size=(4, 4, 4, 8)).astype(np.float32)
+    lo, hi, scores = brute_force_lp_clip(x, bits)
+    best, second = np.sort(scores)[:2]
+    assert second > best * (1 + 1e-4)                                    # no near tie to flip
+    got = quant.lp_clip_range(jnp.asarray(x), bits)
+    np.testing.assert_allclose([float(got[0]), float(got[1])], [lo, hi], rtol=1e-6)
+    assert hi < x.max()                                                  # a Gaussian is clipped
+
+
+def test_lp_clip_range_on_uniform_samples_and_outliers():
+    rng = np.random.default_rng(7)
+    uniform = rng.uniform(size=255).astype(np.float32)
+
+    def factor(x, bits):
+        lo, hi = quant.lp_clip_range(jnp.asarray(x), bits)
+        np.testing.assert_allclose([float(lo), float(hi)], brute_force_lp_clip(x, bits)[:2], rtol=1e-6)
+        assert float(lo) == pytest.approx(x.min() * float(hi) / x.max(), rel=1e-6)
+        return float(hi) / x.max()
+    # Uniform samples keep their range at 8 bits; at 3 bits the coarse grid pays for a little clipping.
+    assert factor(uniform, 8) == pytest.approx(1.0)
+    assert 0.9 <= factor(uniform, 3) < 1.0
+    # An outlier at 10x the bulk is clipped at 3 bits (to 7.5)...
+    assert factor(np.append(uniform, np.float32(10.0)), 3) < 0.8
+    # ...but one at 50x is kept: with p = 2.4 its clipping error outweighs the finer grid.
+    assert factor(np.append(uniform, np.float32(50.0)), 3) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match='num_candidates'):
+        quant.lp_clip_range(jnp.asarray(uniform), 3, num_candidates=101)
+    with pytest.raises(ValueError, match='bits'):
+        quant.lp_clip_range(jnp.asarray(uniform), 32)
