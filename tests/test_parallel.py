@@ -126,10 +126,9 @@ def test_two_processes_train_quantize_and_resume_as_one(digits_teacher, tmp_path
     assert jax.device_count() == NUM_PROCESSES * LOCAL_DEVICES
     workdir = tmp_path / 'two_processes'
     workdir.mkdir()
-    # Their own cache (the processes' programs are not this process's); kept between sessions with
-    # the session's where BAG_JAX_TEST_CACHE asks for that (tests/conftest.py).
-    kept = os.environ.get('BAG_JAX_TEST_CACHE')
-    run_processes(workdir, os.path.join(kept, 'two_processes') if kept else tmp_path / 'xla_cache', digits_teacher)
+    # Their own cache (the processes' programs are not this process's), inside the session's
+    # (tests/conftest.py always sets BAG_JAX_TEST_CACHE), so kept between sessions with it.
+    run_processes(workdir, os.path.join(os.environ['BAG_JAX_TEST_CACHE'], 'two_processes'), digits_teacher)
 
     # One step from the same state, and the data order.
     two = dict(np.load(workdir / 'one_step.npz'))
