@@ -22,10 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from bag_jax import checkpoint, console, data, evaluate, metrics, parallel, report, settings, sweep, teacher
+from bag_jax import checkpoint, console, data, evaluate, metrics, parallel, pool, report, settings, sweep, teacher
 from bag_jax.layouts import make_train_epoch
 from bag_jax.settings import DFQSpec, Experiment
-from bag_jax.step import Setup, build_setup, init_states, learning_rate, phase_of, student_variables
+from bag_jax.step import (Setup, build_setup, init_states, learning_rate, lp_clipped_ranges, phase_of,
+                          student_variables)
 
 DFQ_STATE_DIR = 'dfq_state'
 IMAGES_DIR = metrics.IMAGES_DIR     # written by MetricWriter.write_image
@@ -123,6 +124,29 @@ def load_teacher_for(experiment: Experiment, workdir: str, dataset: data.ArrayDa
     return model, variables, meta, dataclasses.replace(info, image_shape=dataset.info.image_shape)
 
 
+def make_pools(setup: Setup, runs, teacher_variables, info: data.DatasetInfo, loop: str, mesh):
+    """The pools of a pool method's runs (bag_jax.pool), stacked on the run axis and sharded like
+    the state: one per seed (runs of a sweep with the same seed share it)."""
+    made = {}
+    for run in runs:
+        if run.seed not in made:
+            logging.info('pool of seed %d: optimising %d images on the teacher (%d steps per batch of %d)', run.seed,
+                         setup.pool.size, setup.pool.steps, setup.pool.batch_size)
+            made[run.seed] = pool.synthesize(setup.teacher, teacher_variables, setup.pool, pool.run_key(run.seed),
+                                             info.image_shape, info.num_classes, loop=loop,
+                                             log_prefix=f'pool of seed {run.seed}')
+    stacked = jax.tree.map(lambda *a: np.stack(a), *[made[run.seed] for run in runs])
+    return jax.device_put(stacked, parallel.runs_sharded(mesh))
+
+
+def make_range_clip(setup: Setup, spec: DFQSpec, mesh) -> Callable:
+    """state -> state with every run's activation ranges from the L_p search (range_clip)."""
+    clip = jax.vmap(lambda st, v: st.replace(stu_quant_stats=lp_clipped_ranges(setup, st, v, spec.clip_batches,
+                                                                                 spec.quant.a_bits)),
+                    in_axes=(0, None))
+    return jax.jit(clip, out_shardings=parallel.runs_sharded(mesh))
+
+
 def make_mesh(spec: DFQSpec):
     """The ('runs', 'data') mesh of every device the runs train on; ValueError naming the field
     when they do not split over it."""
@@ -181,6 +205,8 @@ def train_and_evaluate(experiment: Experiment, workdir: str) -> dict[str, Any]:
                 raise ValueError(f'epochs={schedule.epochs} is fewer than the {start} epochs that the run in {workdir} '
                                  f'has finished: use epochs={start} or more to extend it, or a new --workdir.')
             logging.info('quantization: resuming after epoch %d of %d', start, schedule.epochs)
+        elif setup.pool is not None:
+            state = state.replace(pool=make_pools(setup, runs, teacher_variables, info, train_epoch.loop, mesh))
         writer.resume(spec.method, start)
         iters = schedule.iters_per_epoch
         with console.Progress(schedule.epochs * iters, initial=start * iters, desc=spec.method,
@@ -195,6 +221,10 @@ def train_and_evaluate(experiment: Experiment, workdir: str) -> dict[str, Any]:
                     logging.info('epoch %d: compiling the %s program (once per run; XLA on CPU may take minutes, a '
                                  'cached program loads in seconds)', epoch + 1, phase.name)
                 state, epoch_metrics = train_epoch(state, teacher_variables, jnp.int32(epoch), progress.update)
+                if spec.calibration_clip == 'lp' and epoch == schedule.calibration_epochs - 1 and spec.quant.a_bits:
+                    logging.info('epoch %d: activation ranges from the L_p search over %d generator batches',
+                                 epoch + 1, spec.clip_batches)
+                    state = make_range_clip(setup, spec, mesh)(state, teacher_variables)
                 epoch_metrics = {k: np.atleast_1d(np.asarray(v)) for k, v in parallel.to_host(epoch_metrics).items()}
                 live = _check_finite(epoch_metrics, done.history['diverged'], runs, epoch, ckpts.latest_epoch(),
                                      os.path.join(workdir, DFQ_STATE_DIR))

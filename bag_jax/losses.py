@@ -60,6 +60,21 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: f
     return temperature**2 * jnp.mean(jnp.exp(log_p_t) * (log_p_t - log_p_s))
 
 
+def batchmean_kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float,
+                      alpha: float) -> jax.Array:
+    """HAST's and SynQ's distillation term: alpha T^2 nn.KLDivLoss(reduction='batchmean'), i.e.
+    alpha T^2 times the batch-mean KL(softmax(t/T) || softmax(s/T)), summed over the classes
+    (HAST trainer_direct.py loss_fn_kd; SynQ src/trainer_direct.py:200-217, alpha = T = 20). It
+    is C * alpha times `kd_loss`. SynQ's `+ 1e-7` on the log-probabilities shifts the value by a
+    constant 1e-7 alpha T^2 and is left out. The teacher's logits are not detached: where they
+    depend on the input, so does the gradient with respect to it (HAST's perturbation).
+    """
+    log_p_s = jax.nn.log_softmax(student_logits / temperature, axis=-1)
+    log_p_t = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
+    kl = jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), axis=-1)
+    return alpha * temperature**2 * jnp.mean(kl)
+
+
 def gdfq_generator_loss(teacher_logits, labels, bns, bns_weight: float = 0.1) -> jax.Array:
     """GDFQ's L_G = CE(t, y) + 0.1 * BNS (docs/algorithms.md 4.2)."""
     return cross_entropy(teacher_logits, labels) + bns_weight * bns
@@ -115,7 +130,8 @@ def adadfq_student_loss(student_logits, teacher_logits, temperature: float = 20.
 def channel_attention(features: jax.Array, form: str = 'energy') -> jax.Array:
     """Per-sample channel attention of a feature map (B, H, W, C). Returns (B, C).
 
-    'energy':  v_c = mean_hw F_c^2, L2-normalized over channels (docs/algorithms.md 8.2b, the default);
+    'energy':  v_c = mean_hw F_c^2, L2-normalized over channels (docs/algorithms.md 8.2b, the default;
+               'energy_mean' is the same vector, compared by `channel_attention_loss` as HAST does);
     'mean':    v_c = mean_hw F_c, no normalization (Channel Distillation, Zhou et al. 2020);
     'softmax': softmax_c(mean_hw F_c^2) (AKT).
     """
@@ -130,22 +146,27 @@ def channel_attention(features: jax.Array, form: str = 'energy') -> jax.Array:
 
 
 def channel_attention_loss(student_features: Sequence[jax.Array], teacher_features: Sequence[jax.Array],
-                           form: str = 'energy') -> jax.Array:
+                           form: str = 'energy', detach_teacher: bool = True) -> jax.Array:
     """Channel-attention distillation, summed over the distilled layers (docs/algorithms.md 8.2b).
 
     'energy':  sum_l mean_b ||A_s - A_t||_2^2 of the normalized energy vectors;
+    'energy_mean': sum_l mean_{b,c} (A_s - A_t)^2 of the same vectors: HAST's and SynQ's feature
+               alignment (HAST trainer_direct.py loss_fa, weighted by lambda = 1000), 1/C_l of 'energy';
     'mean':    sum_l mean_{b,c} (v_s - v_t)^2 (Channel Distillation's MSE);
     'softmax': sum_l mean_b KL(softmax(A_t / 8) || softmax(A_s / 8)) (AKT's softened KL, averaged
                over the batch rather than summed, so the weight does not depend on batch size).
-    The teacher features are taken as constants.
+    The teacher features are taken as constants unless `detach_teacher` is False (HAST takes the
+    input gradient of its loss with the teacher's features attached).
     """
     if len(student_features) != len(teacher_features):
         raise ValueError(f'{len(student_features)} student feature maps against {len(teacher_features)} of the teacher.')
     total = 0.0
     for fs, ft in zip(student_features, teacher_features):
-        a_s = channel_attention(fs, form)
-        a_t = jax.lax.stop_gradient(channel_attention(ft, form))
-        if form == 'mean':
+        a_s = channel_attention(fs, 'energy' if form == 'energy_mean' else form)
+        a_t = channel_attention(ft, 'energy' if form == 'energy_mean' else form)
+        if detach_teacher:
+            a_t = jax.lax.stop_gradient(a_t)
+        if form in ('mean', 'energy_mean'):
             total += jnp.mean(jnp.square(a_s - a_t))
         elif form == 'softmax':
             log_q = jax.nn.log_softmax(a_s / SOFTMAX_ATTENTION_TEMPERATURE, axis=-1)
@@ -199,9 +220,20 @@ def grad_cam(head: Callable[[jax.Array], jax.Array], features: jax.Array,
     through F. Returns (B, H, W) in [0, 1], of F's dtype.
     """
     logits, pullback = jax.vjp(head, jax.lax.stop_gradient(features))
-    top1 = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=logits.dtype)
+    return grad_cam_from_gradients(features, pullback(top1_cotangent(logits))[0], image_size)
+
+
+def top1_cotangent(logits: jax.Array) -> jax.Array:
+    """The one-hot of each sample's top-1 class: the cotangent whose pullback is d(top-1 logit)."""
+    return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=logits.dtype)
+
+
+def grad_cam_from_gradients(features: jax.Array, grads: jax.Array, image_size: tuple[int, int]) -> jax.Array:
+    """Steps 1-5 of `grad_cam` from `grads` = d(top-1 logit)/d`features` however it was computed
+    (bag_jax.step takes it from the whole network's VJP at its last convolution's output). The
+    gradients are constants; the map's gradient reaches `features` only."""
     # Cut the gradient before the loop: reverse-mode differentiation cannot pass a while_loop.
-    grads = jax.lax.stop_gradient(pullback(top1)[0])
+    grads = jax.lax.stop_gradient(grads)
     grads = jax.lax.while_loop(lambda g: jnp.any(g == 0), lambda g: g + GRAD_CAM_EPS, grads)
     weights = jnp.maximum(jnp.mean(grads, axis=(1, 2)), GRAD_CAM_EPS)
     cam = jax.nn.relu(jnp.sum(features * weights[:, None, None, :], axis=-1))
@@ -239,5 +271,10 @@ def sign_perturbation(loss_fn: Callable[[jax.Array], jax.Array], x: jax.Array, e
     networks. HAST's epsilon is 0.01 (hard-coded, options.py:60-61). Returns an array of x's
     shape and dtype.
     """
-    grad = jax.grad(loss_fn)(x)
+    return sign_step(x, jax.grad(loss_fn)(x), epsilon)
+
+
+def sign_step(x: jax.Array, grad: jax.Array, epsilon) -> jax.Array:
+    """x + epsilon * sign(grad), the step a constant (`sign_perturbation` from a gradient already
+    computed: bag_jax.step takes it from the student step's own backward pass)."""
     return x + jax.lax.stop_gradient(epsilon * jnp.sign(grad)).astype(x.dtype)

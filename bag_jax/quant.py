@@ -254,6 +254,10 @@ class QuantAct(nn.Module):
             # `calibrate` is a Python bool in training (each phase has its own program) and may be
             # a traced one: jnp.where serves both.
             x_min.value, x_max.value, beta_t.value = (jnp.where(calibrate, n, o) for n, o in zip(new, old))
+        # The input, where the caller makes 'act_inputs' mutable: the samples of the L_p range
+        # search at the end of calibration (bag_jax.step.lp_clipped_ranges).
+        if self.is_mutable_collection('act_inputs') and not self.is_initializing():
+            self.sow('act_inputs', 'x', x, reduce_fn=lambda _, new: new, init_fn=lambda: None)
         lo = jax.lax.stop_gradient(x_min.value)
         hi = jax.lax.stop_gradient(x_max.value)
         return fake_quant(x, lo, hi, self.bits, self.ste)

@@ -33,13 +33,15 @@ import jax
 import numpy as np
 
 from bag_jax import data, quant
-from bag_jax.methods import METHODS
+from bag_jax.methods import METHODS, POOL_METHODS
+from bag_jax.pool import PoolSpec
 from bag_jax.models.generator import CONDITIONINGS
 from bag_jax.quant import QuantSpec
 from bag_jax.sweep import Run
 
 MODES = ('quantize', 'teacher', 'evaluate')
-CHANNEL_ATTENTION_FORMS = ('energy', 'mean', 'softmax')
+CHANNEL_ATTENTION_FORMS = ('energy', 'energy_mean', 'mean', 'softmax')
+CALIBRATION_CLIPS = ('none', 'lp')
 CHANNEL_ATTENTION_LAYERS = ('branch', 'conv', 'unit_out', 'stage_out')
 EPOCH_LOOPS = ('auto', 'scan', 'python')
 
@@ -63,6 +65,11 @@ class Hypers:
     lambda_u: float = _config_field('loss.lambda_u')
     balance: float = _config_field('loss.balance')
     channel_attention: float = _config_field('loss.channel_attention')
+    selce: float = _config_field('loss.selce')
+    selce_tau: float = _config_field('loss.selce_tau')
+    cam: float = _config_field('loss.cam')
+    perturbation: float = _config_field('loss.perturbation')
+    perturbation_eps: float = _config_field('loss.perturbation_eps')
     generator_lr: float = _config_field('generator.lr')
     generator_b1: float = _config_field('generator.b1')
     generator_b2: float = _config_field('generator.b2')
@@ -153,6 +160,10 @@ class DFQSpec:
     sweep: tuple[tuple[str, tuple[float, ...]], ...]   # ((field, values), ...) in config order
     runs: tuple[Run, ...]
     data_parallel: Optional[int]
+    perturbation_features: bool = True   # the perturbed student loss keeps the channel-attention term
+    calibration_clip: str = 'none'       # 'lp': activation ranges by the L_p search when calibration ends
+    clip_batches: int = 4                # generator batches whose activations that search sees
+    pool: Optional[PoolSpec] = None      # the synthetic pool of a pool method (HAST, SynQ)
 
     @property
     def generator_quant(self) -> Optional[QuantSpec]:
@@ -171,7 +182,15 @@ class DFQSpec:
 
     def attention_values(self) -> tuple[float, ...]:
         """loss.channel_attention in each sweep point (the config's value without a sweep)."""
-        return dict(self.sweep).get('loss.channel_attention', (self.hypers.channel_attention,))
+        return self.values_of('loss.channel_attention')
+
+    def values_of(self, field: str) -> tuple[float, ...]:
+        """The values a Hypers field takes in the runs: its sweep values, or the config's value."""
+        return dict(self.sweep).get(field, (getattr(self.hypers, ATTRIBUTE[field]),))
+
+    def uses(self, field: str) -> bool:
+        """Whether the loss weight `field` is above 0 in some run: its term is compiled in."""
+        return max(self.values_of(field)) > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,7 +300,10 @@ def check_device_split(experiment: Experiment, device_count: int) -> None:
         fields['teacher.batch_size'] = experiment.teacher.batch_size
     if experiment.dfq is not None:   # each run's batch splits over its own devices
         dfq = experiment.dfq
-        sweep.device_split(dfq.schedule.batch_size, dfq.data_parallel, len(dfq.runs), device_count)
+        _, per_run = sweep.device_split(dfq.schedule.batch_size, dfq.data_parallel, len(dfq.runs), device_count)
+        if dfq.pool is not None and dfq.pool.train_batch_size % per_run:
+            raise ValueError(f'pool.train_batch_size={dfq.pool.train_batch_size} does not split over the {per_run} '
+                             f'devices of each run: use a multiple of {per_run}.')
     order = {'quantize': ['eval_batch_size', 'teacher.batch_size'], 'teacher': ['teacher.batch_size', 'eval_batch_size'],
              'evaluate': ['eval_batch_size']}[experiment.mode]
     for field in order:
@@ -391,7 +413,20 @@ def _dfq(config) -> DFQSpec:
     momentum = _number(config, 'student.momentum', maximum=1.0)
     weight_decay = _number(config, 'student.weight_decay')
     weights = {field: _number(config, f'loss.{field}')
-               for field in ('bns', 'kd', 'alpha_ds', 'alpha_as', 'balance', 'channel_attention')}
+               for field in ('bns', 'kd', 'alpha_ds', 'alpha_as', 'balance', 'channel_attention', 'selce', 'cam',
+                             'perturbation')}
+    selce_tau = _number(config, 'loss.selce_tau', strict=True, maximum=1.0)
+    perturbation_eps = _number(config, 'loss.perturbation_eps')
+    if not isinstance(_get(config, 'loss.perturbation_features'), bool):
+        raise ValueError(f"loss.perturbation_features={_get(config, 'loss.perturbation_features')!r} is not allowed: "
+                         'use True or False.')
+    calibration_clip = _choice(config, 'range_clip', CALIBRATION_CLIPS)
+    clip_batches = _int(config, 'range_clip_batches', 1)
+    if calibration_clip != 'none' and calibration_epochs == 0:
+        raise ValueError(f'range_clip={calibration_clip!r} clips the ranges when calibration ends, and '
+                         'calibration_epochs=0 has none: use calibration_epochs of at least 1, or '
+                         "range_clip='none'.")
+    pool = _pool(config, method, warmup_epochs, calibration_epochs) if method in POOL_METHODS else None
     temperature = _number(config, 'loss.temperature', strict=True)
     lambda_l = _number(config, 'loss.lambda_l', maximum=1.0)
     lambda_u = _number(config, 'loss.lambda_u', maximum=1.0)
@@ -410,7 +445,8 @@ def _dfq(config) -> DFQSpec:
             "`python -m bag_jax.convert --pytorchcv FILE.pth --out DIR`.")
     hypers = Hypers(temperature=temperature, lambda_l=lambda_l, lambda_u=lambda_u, generator_lr=generator_lr,
                     generator_b1=b1, generator_b2=b2, student_lr=student_lr, student_momentum=momentum,
-                    student_weight_decay=weight_decay, lr_decay=lr_decay, **weights)
+                    student_weight_decay=weight_decay, lr_decay=lr_decay, selce_tau=selce_tau,
+                    perturbation_eps=perturbation_eps, **weights)
     return DFQSpec(
         method=method, quant=spec,
         generator=GeneratorSpec(latent_dim=latent_dim, quantize=config.generator.quantize,
@@ -422,7 +458,23 @@ def _dfq(config) -> DFQSpec:
                           image_grid_every=image_grid_every, log_every=log_every),
         hypers=hypers, nesterov=config.student.nesterov, attention_form=form, attention_layers=layers,
         num_seeds=num_seeds, sweep=tuple(sweep.items()), runs=tuple(_runs(config, sweep)),
-        data_parallel=data_parallel)
+        data_parallel=data_parallel, perturbation_features=config.loss.perturbation_features,
+        calibration_clip=calibration_clip, clip_batches=clip_batches, pool=pool)
+
+
+def _pool(config, method: str, warmup_epochs: int, calibration_epochs: int) -> PoolSpec:
+    """The `pool` section of a pool method (bag_jax.pool): its sizes, optimisation and batches."""
+    if warmup_epochs != calibration_epochs:
+        raise ValueError(f'method={method!r} calibrates with the generator and then trains the student on its pool, '
+                         f'so warmup_epochs ({warmup_epochs}) must equal calibration_epochs ({calibration_epochs}).')
+    size = _int(config, 'pool.size', 2)
+    batch_size = _int(config, 'pool.batch_size', 2)
+    train_batch_size = _int(config, 'pool.train_batch_size', 1, size)
+    low_pass = _number(config, 'pool.low_pass')
+    return PoolSpec(size=size, batch_size=batch_size, steps=_int(config, 'pool.steps', 0),
+                    lr=_number(config, 'pool.lr', strict=True), focal=_number(config, 'pool.focal'),
+                    gamma=_number(config, 'pool.gamma'), train_batch_size=train_batch_size,
+                    augment=_choice(config, 'pool.augment', data.AUGMENTATIONS), low_pass=low_pass)
 
 
 # The sweep (bag_jax.sweep): config.sweep checked, and the runs it makes.

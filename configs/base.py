@@ -7,6 +7,13 @@ on CIFAR-100. `get_config(method)` sets each method's own defaults:
   adadfq  batch 16,  L_G = margin + (0.2 L_ds + 0.1 L_as) + BNS, L_Q = -T^2 H (T=20) (docs/algorithms.md 4.3, 6.2)
   bag     adadfq + the generator quantized at the student's bit-widths
         + channel-attention distillation (docs/algorithms.md 8.2, our reading of the paper)
+  hast    4 epochs calibrating with a GDFQ generator, then the student on a fixed pool of 5,120
+          optimised noise images: KD (alpha 20, T 20) + feature alignment (1000) + the same on
+          sign-perturbed images; batch 64, 151 epochs, lr 1e-5 /10 at 20, 40, 60 (docs/algorithms.md 10.1)
+  synq    hast + low-pass filter (D0 80) + Grad-CAM alignment (200) + selective CE (5, tau 0.5);
+          batch 256, 100 epochs (docs/algorithms.md 10.2)
+  bag_synq  bag + selective CE (0.5) + Grad-CAM alignment (50) + the perturbation term (1) on
+          the generator's batches, activation ranges clipped by the L_p search (docs/algorithms.md 10.3)
 
 Command-line overrides (`--config.quant.w_bits=4`) change single fields after that.
 """
@@ -39,12 +46,18 @@ def get_config(method: str = 'bag') -> ml_collections.ConfigDict:
     # Schedule (docs/algorithms.md 5.1): 400 epochs x 200 iterations; the student is frozen for the first
     # warmup_epochs while only the generator trains; activation ranges calibrate during the first
     # calibration_epochs (hard-coded 4 in the reference) and are frozen afterwards.
-    c.batch_size = 200 if method == 'gdfq' else 16
-    c.epochs = 400
+    pool_method = method in ('hast', 'synq')
+    c.batch_size = 200 if method == 'gdfq' else 16   # the pool methods' generator calibrates at 16
+    c.epochs = {'hast': 151, 'synq': 100}.get(method, 400)
     c.iters_per_epoch = 200
     c.warmup_epochs = 4
     c.calibration_epochs = 4
-    c.lr_milestones = (100, 200, 300)  # multiply both learning rates by lr_decay at these epochs
+    # 'lp': when calibration ends, each activation range becomes the one minimising the L_p
+    # (p = 2.4) error over range_clip_batches generator batches (SynQ's unused search, static
+    # and per tensor like the rest); 'none': the calibrated ranges as they are.
+    c.range_clip = 'lp' if method == 'bag_synq' else 'none'
+    c.range_clip_batches = 4
+    c.lr_milestones = (20, 40, 60) if pool_method else (100, 200, 300)  # both learning rates times lr_decay
     c.lr_decay = 0.1
     c.eval_batch_size = 200
     # 'scan': an epoch is one compiled loop; 'python': one compiled iteration called per step;
@@ -64,22 +77,22 @@ def get_config(method: str = 'bag') -> ml_collections.ConfigDict:
     c.generator.lr = 1e-3
     c.generator.b1 = 0.5
     c.generator.b2 = 0.999
-    c.generator.quantize = method == 'bag'      # BAG: weights at quant.w_bits (docs/algorithms.md 8.2a)
+    c.generator.quantize = method in ('bag', 'bag_synq')      # BAG: weights at quant.w_bits (docs/algorithms.md 8.2a)
     c.generator.quantize_activations = False    # also LeakyReLU outputs at quant.a_bits
     # How the generator sees the label: 'embedding' (CIFAR: z times a label embedding) or
     # 'batchnorm' (ImageNet: class-conditional BatchNorm, docs/imagenet.md 3).
     c.generator.conditioning = 'embedding'
 
     c.student = ml_collections.ConfigDict()
-    c.student.lr = 1e-4
+    c.student.lr = 1e-5 if pool_method else 1e-4
     c.student.momentum = 0.9
     c.student.nesterov = True
     c.student.weight_decay = 1e-4  # coupled, as PyTorch's SGD (docs/algorithms.md 9.15)
 
     c.loss = ml_collections.ConfigDict()
-    c.loss.bns = 0.1 if method == 'gdfq' else 1.0   # GDFQ 0.1, AdaDFQ gamma = 1
+    c.loss.bns = 0.1 if method in ('gdfq', 'hast', 'synq') else 1.0   # GDFQ 0.1, AdaDFQ gamma = 1
     c.loss.temperature = 20.0
-    c.loss.kd = 1.0                # GDFQ alpha
+    c.loss.kd = 20.0 if pool_method else 1.0   # GDFQ's alpha; HAST's and SynQ's alpha (20)
     c.loss.alpha_ds = 0.2
     c.loss.alpha_as = 0.1
     c.loss.lambda_l = 0.1
@@ -90,9 +103,38 @@ def get_config(method: str = 'bag') -> ml_collections.ConfigDict:
     # iterations and 50 within 3 epochs: there the attention term's gradient was 25x that of
     # L_Q (whose variable part is only ~1/2 Var(t - s)) at mu = 50. mu = 5 keeps the two
     # comparable. Sweep it on CIFAR-100 before trusting it.
-    c.loss.channel_attention = 5.0 if method == 'bag' else 0.0
-    c.loss.channel_attention_form = 'energy'    # 'energy' | 'mean' | 'softmax'
+    # HAST's and SynQ's feature alignment is the same term on the same layers, 'energy_mean'
+    # (the MSE over batch and channels), lambda = 1000.
+    c.loss.channel_attention = {'bag': 5.0, 'bag_synq': 5.0, 'hast': 1000.0, 'synq': 1000.0}.get(method, 0.0)
+    c.loss.channel_attention_form = 'energy_mean' if pool_method else 'energy'   # | 'mean' | 'softmax'
     c.loss.channel_attention_layers = 'branch'  # 'branch' | 'conv' | 'unit_out' | 'stage_out'
+    # Student terms of HAST and SynQ (docs/algorithms.md 10), for any method; 0 switches one off.
+    # Selective cross-entropy with the generator's (or pool's) labels where the teacher's
+    # p(y) > 1 - selce_tau (SynQ: lambda_CE 5, tau 0.5).
+    c.loss.selce = {'synq': 5.0, 'bag_synq': 0.5}.get(method, 0.0)
+    c.loss.selce_tau = 0.5
+    # Grad-CAM alignment of the last convolution, MSE of the min-max normalized maps (SynQ: 200).
+    c.loss.cam = {'synq': 200.0, 'bag_synq': 50.0}.get(method, 0.0)
+    # The student loss again on x + eps sign(grad_x L_Q), times this weight (HAST, SynQ: 1, eps 0.01).
+    c.loss.perturbation = 1.0 if method in ('hast', 'synq', 'bag_synq') else 0.0
+    c.loss.perturbation_eps = 0.01
+    c.loss.perturbation_features = method != 'synq'   # the perturbed loss keeps channel attention
+                                                      # (HAST; SynQ on ImageNet only)
+
+    # The synthetic pool of hast and synq (bag_jax/pool.py): noise optimised on the teacher's BN
+    # statistics + focal * mean((1 - p_y)^gamma CE), Adam at lr with ReduceLROnPlateau, in
+    # batches; the student then trains on train_batch_size images of it per iteration, augmented
+    # (random resized crop and flip) and, where low_pass > 0, low-pass filtered (SynQ's D0).
+    c.pool = ml_collections.ConfigDict()
+    c.pool.size = 5120
+    c.pool.batch_size = 256
+    c.pool.steps = 1000
+    c.pool.lr = 0.5
+    c.pool.focal = 10.0
+    c.pool.gamma = 2.0
+    c.pool.train_batch_size = 256 if method == 'synq' else 64
+    c.pool.augment = 'resized_crop_flip'   # | 'none' | 'crop_flip'
+    c.pool.low_pass = 80.0 if method == 'synq' else 0.0
 
     c.data = ml_collections.ConfigDict()
     c.data.name = 'cifar100'       # 'cifar100' | 'cifar10' | 'digits' | 'npz' | 'imagenet2012' | 'imagefolder'

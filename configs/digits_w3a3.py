@@ -29,5 +29,11 @@ def get_config(method: str = 'bag'):
     c.calibration_epochs = 4
     c.lr_milestones = (20, 30)
     c.generator.latent_dim = 64
+    # The same 40 x 50 schedule and student learning rate for every method; the pool methods'
+    # pool is scaled down (1,024 images, 200 steps) and both train on 64 pool images per step.
+    c.student.lr = 1e-4
+    c.pool.size = 1024
+    c.pool.steps = 200
+    c.pool.train_batch_size = 64
     c.image_grid_every = 5
     return c

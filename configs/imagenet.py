@@ -16,6 +16,8 @@ fires (the reference's rule is epoch + 1 > m), so ResNet-18 and MobileNetV2 deca
 GDFQ (its ResNet-18 config; the same for the other two networks, for which GDFQ ships none):
 warmup 50, lr_S 1e-6, milestones (100, 200, 300), L_Q = CE + KD at T = 20.
 The generator is the ImageNet one (class-conditional BatchNorm, 224x224, docs/imagenet.md 3).
+HAST and SynQ: their ImageNet code's values (below); bag_synq: BAG's with SynQ's ImageNet weights.
+A pool of 5,120 224x224 images is 3.1 GB per seed (float32), held on the device with the run.
 """
 
 from configs import base
@@ -38,7 +40,23 @@ def get_config(network: str, method: str, bits: int = 4):
     c.generator.conditioning = 'batchnorm'
     c.data.name = 'imagenet2012'
     c.teacher.checkpoint = f'pytorchcv:{network}'
-    if method == 'gdfq':
+    if method in ('hast', 'synq'):
+        # HAST's and SynQ's ImageNet settings (their config/imagenet*.hocon, run_imagenet.sh):
+        # calibration 4 epochs, then 101 (SynQ) / 151 (HAST) epochs at batch 4, lr_S 1e-6
+        # /10 at 100, 200, 350; pool focal 0.1, gamma 0.5; SynQ lambda_CE 0.5, lambda_CAM 50,
+        # the perturbed loss with feature alignment.
+        c.warmup_epochs = 4
+        c.epochs = 101 if method == 'synq' else 151
+        c.student.lr = 1e-6
+        c.lr_milestones = (100, 200, 350)
+        c.pool.train_batch_size = 4
+        c.pool.focal = 0.1
+        c.pool.gamma = 0.5
+        c.loss.perturbation_features = True
+        if method == 'synq':
+            c.loss.selce = 0.5
+            c.loss.cam = 50.0
+    elif method == 'gdfq':
         c.student.lr = 1e-6
         c.lr_milestones = (100, 200, 300)
     else:
@@ -48,4 +66,7 @@ def get_config(network: str, method: str, bits: int = 4):
         c.loss.alpha_ds = alpha_ds
         c.loss.lambda_l = lambda_l
         c.loss.temperature = 5.0
+        if method == 'bag_synq':   # SynQ's ImageNet weights
+            c.loss.selce = 0.5
+            c.loss.cam = 50.0
     return c

@@ -56,9 +56,19 @@ def imagenet_run(tmp_path_factory):
             '--config.calibration_epochs=1', '--config.generator.latent_dim=16', '--config.eval_batch_size=8',
             '--config.image_grid_every=1']
     first = run_cli(*args, '--config.epochs=1')
+    # SynQ and BAG with SynQ's terms on the same teacher and images (docs/algorithms.md 10): a
+    # calibration epoch, then one on the pool (SynQ: low-pass filter at this size) or the generator.
+    beyond = {}
+    for method in ('synq', 'bag_synq'):
+        beyond[method] = run_cli(*[a.replace('--config=configs/imagenet_resnet18_w4a4.py',
+                                             f'--config=configs/imagenet_resnet18_w4a4.py:{method}')
+                                   .replace(f'--workdir={workdir}', f'--workdir={base / method}') for a in args],
+                                 '--config.epochs=2', '--config.pool.size=8', '--config.pool.batch_size=4',
+                                 '--config.pool.steps=2', '--config.pool.train_batch_size=4',
+                                 '--config.pool.low_pass=20', '--config.image_grid_every=0')
     second = run_cli(*args, '--config.epochs=2')      # extends the finished run: restores epoch 1, trains epoch 2
     return {'workdir': workdir, 'teacher': teacher_dir, 'folder': folder, 'wnids': wnids,
-            'first': first, 'second': second}
+            'first': first, 'second': second, 'beyond': beyond, 'base': base}
 
 
 def test_quantizes_and_resumes_through_the_imagenet_path(imagenet_run):
@@ -80,6 +90,21 @@ def test_quantizes_and_resumes_through_the_imagenet_path(imagenet_run):
     assert kind == 'student' and meta['arch'] == 'resnet' and meta['num_classes'] == 1000
     assert (model.quant.w_bits, model.quant.a_bits) == (4, 4) and meta['epochs'] == 2
     assert meta['data']['mean'] == list(data.IMAGENET_MEAN)
+
+
+def test_synq_and_bag_synq_run_on_the_imagenet_path(imagenet_run):
+    for method, result in imagenet_run['beyond'].items():
+        assert result.returncode == 0, f'{method}: {result.stderr[-3000:]}'
+        with open(os.path.join(imagenet_run['base'], method, 'summary.json')) as f:
+            summary = json.load(f)
+        assert summary['method'] == method and summary['epochs'] == 2 and summary['w_bits'] == 4
+        with open(os.path.join(imagenet_run['base'], method, 'metrics.jsonl')) as f:
+            lines = [json.loads(line) for line in f]
+        assert [line['step'] for line in lines] == [1, 2] and all(np.isfinite(line['loss_s']) for line in lines)
+        if method == 'synq':     # the second epoch trains on the pool, not the generator
+            assert lines[1]['loss_g'] == 0 and 'pool of seed 0' in result.stderr
+        else:                    # the L_p clip when calibration ends
+            assert 'activation ranges from the L_p search' in result.stderr
 
 
 def test_evaluates_the_student_on_the_imagefolder(imagenet_run, tmp_path):

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, 'bag_jax')
 # The command-line entry points define the --config flag (ml_collections' config_flags) and hand
 # the ConfigDict to settings.parse; nothing else under bag_jax/ may touch one.
-FLAG_MODULES = ('command.py', 'bench.py')
+FLAG_MODULES = ('command.py', 'bench.py', 'reproduce.py')
 
 
 def test_parse_gives_frozen_typed_settings():
@@ -107,7 +107,7 @@ def test_only_the_settings_module_reads_a_config():
 def test_bad_values_name_the_field_and_the_allowed_values():
     c = tiny_config()
     c.method = 'bagg'
-    with pytest.raises(ValueError, match=r"^method='bagg' is not allowed: choose one of 'gdfq', 'adadfq', 'bag'\.$"):
+    with pytest.raises(ValueError, match=r"^method='bagg' is not allowed: choose one of 'gdfq', 'adadfq', 'bag', 'hast', 'synq', 'bag_synq'\.$"):
         settings.parse(c)
     c = tiny_config()
     c.loss.channel_attention_layers = 'all'

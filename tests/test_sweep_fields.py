@@ -31,7 +31,11 @@ SWEPT = {
     'loss.lambda_l': 0.3, 'loss.lambda_u': 0.45, 'loss.balance': 2.5, 'loss.channel_attention': 20.0,
     'generator.lr': 3e-3, 'generator.b1': 0.1, 'generator.b2': 0.6,
     'student.lr': 2e-3, 'student.momentum': 0.5, 'student.weight_decay': 3e-2, 'lr_decay': 0.5,
+    'loss.selce': 0.7, 'loss.selce_tau': 0.3, 'loss.cam': 30.0, 'loss.perturbation': 0.4, 'loss.perturbation_eps': 0.03,
 }
+# The student terms any method's step adds where their weight is on (all of them, swept as above).
+EXTRA_TERM_FIELDS = {'selce': ('loss.selce', 'loss.selce_tau'), 'cam': ('loss.cam',),
+                     'perturbation': ('loss.perturbation', 'loss.perturbation_eps')}
 # Read by every method's step: the optimizers and the learning-rate schedule.
 OPTIMIZER_FIELDS = ('generator.lr', 'generator.b1', 'generator.b2', 'student.lr', 'student.momentum',
                     'student.weight_decay', 'lr_decay')
@@ -44,7 +48,9 @@ def test_the_swept_values_cover_every_sweepable_field():
 
 def configured(digits_teacher, method: str, **fields):
     # The student steps from the first iteration; the second epoch decays both rates by lr_decay.
-    return config_with(digits_teacher, method, warmup_epochs=0, lr_milestones=(1,), **fields)
+    # (A pool method calibrates for as many epochs as its student waits: none here.)
+    calibration = {'calibration_epochs': 0} if method in methods.POOL_METHODS else {}
+    return config_with(digits_teacher, method, warmup_epochs=0, lr_milestones=(1,), **calibration, **fields)
 
 
 def used_inputs(closed_jaxpr) -> list[bool]:
@@ -81,6 +87,9 @@ def test_the_step_reads_each_swept_field_from_the_run(digits_teacher, method):
     read = {settings.config_field(a) for a in setup.method.hypers} | set(OPTIMIZER_FIELDS)
     if setup.distill:    # BAG's channel-attention term, which the iteration adds for any method
         read.add('loss.channel_attention')
+    for term, term_fields in EXTRA_TERM_FIELDS.items():
+        if getattr(setup, term):
+            read.update(term_fields)
     assert sorted(f for f in fields if not used[f]) == sorted(set(fields) - read), (
         f'{method}: swept fields that do not reach the step (read as a constant?) or that the method does not '
         f'declare in Method.hypers')

@@ -35,16 +35,19 @@ def augment(rng: jax.Array, images, kind: str) -> jax.Array:
     Args:
         rng: a PRNG key; each image gets its own key split from it.
         images: (N, H, W, C).
-        kind: 'none' (identity) or 'crop_flip' (per image: pad 4 zero pixels on each side, crop
+        kind: 'none' (identity), 'crop_flip' (per image: pad 4 zero pixels on each side, crop
             H x W at an offset drawn uniformly from {0..8}^2, then flip left-right with
-            probability 1/2). A Python string: static under jit.
+            probability 1/2) or 'resized_crop_flip' (HAST's and SynQ's augmentation of their
+            synthetic pool: `random_resized_crop`, then the flip). A Python string: static
+            under jit.
     """
     if kind not in AUGMENTATIONS:
         raise ValueError(f'augment kind={kind!r}; allowed: {", ".join(AUGMENTATIONS)}.')
     images = jnp.asarray(images)
     if kind == 'none':
         return images
-    return jax.vmap(_crop_flip)(jax.random.split(rng, images.shape[0]), images)
+    crop = _crop_flip if kind == 'crop_flip' else _resized_crop_flip
+    return jax.vmap(crop)(jax.random.split(rng, images.shape[0]), images)
 
 
 def _crop_flip(key: jax.Array, image: jax.Array) -> jax.Array:
@@ -55,6 +58,44 @@ def _crop_flip(key: jax.Array, image: jax.Array) -> jax.Array:
     dx = jax.random.randint(key_x, (), 0, 2 * p + 1)
     crop = jax.lax.dynamic_slice(padded, (dy, dx, 0), image.shape)
     return jnp.where(jax.random.bernoulli(key_flip), crop[:, ::-1], crop)
+
+
+# torchvision's RandomResizedCrop(scale=(0.5, 1.0)), HAST main_direct.py:116-122, SynQ src/main_direct.py:180.
+RESIZED_CROP_SCALE = (0.5, 1.0)
+RESIZED_CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def random_resized_crop(key: jax.Array, image: jax.Array, scale=RESIZED_CROP_SCALE,
+                        ratio=RESIZED_CROP_RATIO) -> jax.Array:
+    """torchvision's RandomResizedCrop of one image (H, W, C) back to (H, W), bilinear.
+
+    The crop covers a fraction of the area drawn uniformly from `scale`, its aspect ratio drawn
+    log-uniformly from `ratio`; width round(sqrt(area * ratio)), height round(sqrt(area / ratio)),
+    at an offset drawn uniformly where it fits. torchvision redraws up to 10 times when the box
+    does not fit and then falls back to a centre crop; here the one draw is clipped to the image
+    instead (a box that does not fit is at most 1/0.75 = 1.33 too long on one side). The crop is
+    resized with half-pixel centres (F.interpolate's bilinear, align_corners=False; a crop is
+    never larger than the image, so antialiasing does not apply).
+    """
+    height, width = image.shape[0], image.shape[1]
+    area_key, ratio_key, y_key, x_key = jax.random.split(key, 4)
+    area = height * width * jax.random.uniform(area_key, (), minval=scale[0], maxval=scale[1])
+    log_ratio = jax.random.uniform(ratio_key, (), minval=jnp.log(ratio[0]), maxval=jnp.log(ratio[1]))
+    aspect = jnp.exp(log_ratio)
+    w = jnp.clip(jnp.round(jnp.sqrt(area * aspect)), 1, width)
+    h = jnp.clip(jnp.round(jnp.sqrt(area / aspect)), 1, height)
+    top = jnp.floor(jax.random.uniform(y_key, ()) * (height - h + 1))
+    left = jnp.floor(jax.random.uniform(x_key, ()) * (width - w + 1))
+    scale_hw = jnp.stack([height / h, width / w])
+    # Output pixel centre o + 0.5 samples input coordinate (o + 0.5 - translation) / scale.
+    return jax.image.scale_and_translate(image, image.shape, (0, 1), scale_hw, -jnp.stack([top, left]) * scale_hw,
+                                         'linear', antialias=False)
+
+
+def _resized_crop_flip(key: jax.Array, image: jax.Array) -> jax.Array:
+    crop_key, flip_key = jax.random.split(key)
+    crop = random_resized_crop(crop_key, image)
+    return jnp.where(jax.random.bernoulli(flip_key), crop[:, ::-1], crop)
 
 
 def gaussian_low_pass_mask(height: int, width: int, d0: float) -> jax.Array:

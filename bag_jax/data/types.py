@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from absl import logging
 
-AUGMENTATIONS = ('none', 'crop_flip')
+AUGMENTATIONS = ('none', 'crop_flip', 'resized_crop_flip')
 
 
 class DatasetUnavailableError(RuntimeError):

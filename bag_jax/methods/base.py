@@ -36,3 +36,6 @@ class Method:
     student_loss: Callable[[jax.Array, Forwards, 'Hypers'], jax.Array]
     generator_sees_student: bool       # L_G reads s, so G's gradient flows through the quantized student
     hypers: tuple[str, ...]            # the Hypers fields its two losses read (settings.Hypers)
+    # 'generator': the student trains on the generator's batches; 'pool': on the synthetic pool
+    # (bag_jax.pool) once calibration ends, the generator serving calibration only.
+    data: str = 'generator'

@@ -92,6 +92,10 @@ class ConvBlock(nn.Module):
                     padding=((pad, pad), (pad, pad)), feature_group_count=self.groups, use_bias=False,
                     kernel_init=kaiming_uniform_init,
                     conv_general_dilated=quantized_conv(self.quant_spec.w_bits, self.quant_spec.ste), name='conv')(x)
+        # A no-op unless the caller passes a 'perturbations' collection: its VJP there is the
+        # gradient with respect to this conv's output (Grad-CAM, bag_jax.step.grad_cam_inputs).
+        if not self.is_initializing():    # init would make it a variable of every network
+            x = self.perturb('input', x)
         keep(self, 'bn_inputs', 'input', x)
         x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                          use_fast_variance=False, name='bn')(x)
