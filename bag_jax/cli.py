@@ -6,6 +6,7 @@ one of the project's commands, with the same arguments:
     bag-jax report ...    python -m bag_jax.report ...  a finished run's results as a table
     bag-jax convert ...   python -m bag_jax.convert ... pytorchcv weights into a teacher
     bag-jax zoo ...       python -m bag_jax.zoo ...     fetch and convert a pytorchcv zoo teacher
+    bag-jax reproduce ... python -m bag_jax.reproduce ... presets x bit-widths x seeds, a mean ± std table
 
 `python -m bag_jax ...` is `bag-jax ...`.
 """
@@ -22,6 +23,7 @@ SUBCOMMANDS = {
     'report': ('bag_jax.report', "print finished runs' results (WORKDIR/summary.json) as a Markdown table"),
     'convert': ('bag_jax.convert', 'convert pytorchcv weights (.pth, .pth.zip) into a teacher checkpoint'),
     'zoo': ('bag_jax.zoo', 'fetch a pytorchcv zoo file, check it, convert it into a teacher once'),
+    'reproduce': ('bag_jax.reproduce', "a benchmark's methods x bit-widths x seeds, then a table of mean ± std top-1"),
 }
 
 
@@ -69,6 +71,8 @@ def main(argv: list[str] | None = None, prog: str = 'bag-jax') -> int:
         return 0   # not reached: app.run exits
     if name == 'report':
         return module.main([f'{prog} report', *args])   # it takes argv with the program's name
+    if name == 'reproduce':
+        return module.main(args, prog=f'{prog} reproduce')
     return module.main(args)
 
 
