@@ -365,8 +365,37 @@ def run_jobs(jobs: Sequence[Job], say: Callable[[str], None] = print, prog: str 
             say(f'{prog}: {where}: finished in {job.workdir}, not started again')
             continue
         say(f'{prog}: {where} ({_duration(time.time() - start)} since the start): {job.command()}')
-        experiment.run(config, job.workdir)
+        try:
+            experiment.run(config, job.workdir)
+        except FloatingPointError as e:    # every seed diverged: the table still has its row
+            summary = diverged_summary(job.workdir, record, str(e))
+            say(f'{prog}: {where}: every seed diverged in epoch {summary["all_diverged_epoch"]}; its row counts '
+                'the epochs before')
     return [report.read_summary(job.workdir) for job in runs]
+
+
+def diverged_summary(run_dir: str, record: dict[str, Any], error: str) -> dict[str, Any]:
+    """The summary of a run whose every seed diverged (bag_jax.dfq stops it with the error
+    `error`, writing no summary), from its metrics.jsonl: per seed the best top-1 over the epochs
+    before, PTQ where the warm-up ended before; no last top-1. Written to run_dir/summary.json,
+    with `all_diverged_epoch` and the error, so that a second call reads it as finished."""
+    from bag_jax import checkpoint, metrics, sweep
+    lines = [m for m in metrics.read_metrics(run_dir) if m.get('phase') == record['method']]
+    names = sorted(k.split('/', 1)[1] for k in (lines[0] if lines else {}) if k.startswith('top1/'))
+    per_seed = [[m[f'top1/{n}'] for m in lines] for n in names] or [[m['top1'] for m in lines]]
+    warmup = record['warmup_epochs']
+    ptq = [seed[warmup - 1] for seed in per_seed if 0 < warmup <= len(seed)]
+    teacher_meta = checkpoint.load_teacher(record['teacher']['checkpoint'])[2]
+    summary = {
+        'method': record['method'], 'w_bits': record['quant']['w_bits'], 'a_bits': record['quant']['a_bits'],
+        'teacher_top1': teacher_meta.get('top1'), 'num_seeds': record['num_seeds'], 'epochs': record['epochs'],
+        'iterations': len(lines) * record['iters_per_epoch'], 'wall_s': sum(m.get('epoch_s', 0.0) for m in lines),
+        'best_top1': sweep.mean_std([max(seed) for seed in per_seed]) if lines else None,
+        'ptq_top1': sweep.mean_std(ptq) if ptq else None, 'last_top1': None,
+        'all_diverged_epoch': len(lines) + 1, 'error': error, 'groups': [],
+    }
+    write_text(os.path.join(run_dir, SUMMARY_FILE), json.dumps(summary, indent=1))
+    return summary
 
 
 # ------------------------------------------------------------------------------------------------
@@ -384,6 +413,8 @@ def stat(value, digits: int = 2) -> str:
 
 def seeds_cell(summary: dict[str, Any]) -> str:
     """The seeds of a run and how many of them diverged (left out of the means)."""
+    if summary.get('all_diverged_epoch'):
+        return f'{summary.get("num_seeds", 1)} (all diverged in epoch {summary["all_diverged_epoch"]})'
     diverged = sum((group.get('diverged') or 0) for group in summary.get('groups') or [])
     return str(summary.get('num_seeds', 1)) + (f' ({diverged} diverged)' if diverged else '')
 
@@ -440,12 +471,12 @@ def speed_table(rows: Sequence[tuple[str, dict[str, Any]]], reference: str = 'ba
     (wall_s / iterations), and those relative to the first row named `reference` if there is one."""
     base = next((s for name, s in rows if name == reference), None)
     per_iteration = lambda s: s['wall_s'] / s['iterations'] if s.get('iterations') else None
-    header = ['method', 'best top-1', 'last top-1', 'PTQ top-1', 'wall time', 's / iteration'] + (
+    header = ['method', 'seeds', 'best top-1', 'last top-1', 'PTQ top-1', 'wall time', 's / iteration'] + (
         [f'time vs {reference}'] if base else [])
     lines = []
     for name, s in rows:
         each = per_iteration(s)
-        row = [name, stat(s.get('best_top1')), stat(s.get('last_top1')), stat(s.get('ptq_top1')),
+        row = [name, seeds_cell(s), stat(s.get('best_top1')), stat(s.get('last_top1')), stat(s.get('ptq_top1')),
                _duration(s['wall_s']), 'n/a' if each is None else f'{each:.3g}']
         if base:
             ref = per_iteration(base)

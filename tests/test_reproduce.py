@@ -2,9 +2,11 @@
 benchmark end to end (two presets of two seeds, tiny schedule, the session's teacher), resuming
 by skipping finished runs, the clear errors, and the tables' formatting."""
 
+import json
 import os
 import re
 
+import numpy as np
 import pytest
 
 from bag_jax import cli, experiment, methods, report, reproduce
@@ -143,10 +145,11 @@ def test_tables_from_summaries():
     rows = [('gdfq', summary({'mean': 47.6123, 'std': 0.4567}, 125.0)), ('bag', summary(56.0, 100.0, seeds=1)),
             ('adadfq', summary({'mean': 52.0, 'std': 0.0}, 4000.0, diverged=1))]
     table = _rows(reproduce.speed_table(rows))
-    assert table[0] == ['method', 'best top-1', 'last top-1', 'PTQ top-1', 'wall time', 's / iteration', 'time vs bag']
-    assert table[1] == ['gdfq', '47.61 ± 0.46', 'n/a', '40.00 ± 1.50', '2 min 5 s', '1.25', '1.25']
-    assert table[2] == ['bag', '56.00', 'n/a', '40.00 ± 1.50', '1 min 40 s', '1', '1.00']
-    assert table[3][4:] == ['1 h 6 min', '40', '40.00']
+    assert table[0] == ['method', 'seeds', 'best top-1', 'last top-1', 'PTQ top-1', 'wall time', 's / iteration',
+                        'time vs bag']
+    assert table[1] == ['gdfq', '3', '47.61 ± 0.46', 'n/a', '40.00 ± 1.50', '2 min 5 s', '1.25', '1.25']
+    assert table[2] == ['bag', '1', '56.00', 'n/a', '40.00 ± 1.50', '1 min 40 s', '1', '1.00']
+    assert table[3][5:] == ['1 h 6 min', '40', '40.00'] and table[3][1] == '3 (1 diverged)'
     assert _rows(reproduce.speed_table(rows[:1]))[0][-1] == 's / iteration', 'no bag: no relative column'
     markdown = reproduce.speed_markdown('configs/x.py', rows)
     assert markdown.startswith('# configs/x.py, W3A3, 3 seed(s) per preset, teacher top-1 70.33 %, 1 device(s)')
@@ -160,3 +163,22 @@ def test_tables_from_summaries():
     imagenet = _rows(reproduce.results_table('imagenet', [(reproduce.Job('f', 'w', preset='synq', bits=4,
                                                                          network='resnet18'), rows[0][1])]))
     assert imagenet[0][:2] == ['network', 'method'] and (imagenet[1][:2], imagenet[1][-1]) == (['resnet18', 'synq'], '67.90')
+
+
+def test_a_run_whose_every_seed_diverged_gets_a_row_from_the_epochs_before(digits_teacher, tmp_path):
+    """dfq stops such a run without a summary; reproduce writes one from its metrics.jsonl: per
+    seed the best top-1 before the divergence, PTQ at the end of the warm-up, no last top-1, and
+    the table says so."""
+    lines = [{'step': e + 1, 'phase': 'adadfq', 'top1': 0.0, 'epoch_s': 2.0, 'top1/seed0': a, 'top1/seed1': b}
+             for e, (a, b) in enumerate([(10.0, 12.0), (40.0, 30.0), (35.0, 50.0)])]
+    with open(tmp_path / 'metrics.jsonl', 'w') as f:
+        f.write(''.join(json.dumps(line) + '\n' for line in lines))
+    record = {'method': 'adadfq', 'quant': {'w_bits': 2, 'a_bits': 2}, 'teacher': {'checkpoint': digits_teacher},
+              'num_seeds': 2, 'epochs': 40, 'warmup_epochs': 2, 'iters_per_epoch': 50}
+    summary = reproduce.diverged_summary(str(tmp_path), record, 'epoch 4: bns is [nan, nan] (not finite)')
+    assert summary['best_top1'] == pytest.approx({'mean': 45.0, 'std': np.std([40.0, 50.0], ddof=1)})
+    assert summary['ptq_top1'] == pytest.approx({'mean': 35.0, 'std': np.std([40.0, 30.0], ddof=1)})
+    assert summary['last_top1'] is None and summary['all_diverged_epoch'] == 4 and summary['wall_s'] == 6.0
+    assert json.load(open(tmp_path / 'summary.json')) == summary
+    row = _rows(reproduce.speed_table([('adadfq', summary)]))[1]
+    assert row[:4] == ['adadfq', '2 (all diverged in epoch 4)', '45.00 ± 7.07', 'n/a']
