@@ -53,7 +53,7 @@ def test_the_cam_layer_is_the_last_convolution_and_its_gradient_is_that_of_the_t
         extra = {} if perturbations is None else {'perturbations': perturbations}
         return model.apply({**variables, **extra}, x, mutable=['bn_inputs'])
 
-    logits, col, features, grads = step.grad_cam_inputs(apply)
+    logits, col, features, grads = jax.jit(lambda: step.grad_cam_inputs(apply))()
     path = step.last_conv_path(col['bn_inputs'])
     assert '/'.join(path[:-1]) == last and path[-1] == 'input'
 
@@ -68,11 +68,12 @@ def test_the_cam_layer_is_the_last_convolution_and_its_gradient_is_that_of_the_t
             return model.apply(variables, x)
 
     top1 = jnp.argmax(logits, -1)
-    expected = jax.grad(lambda o: jnp.sum(jnp.take_along_axis(with_offset(o), top1[:, None], -1)))(
+    expected = jax.jit(jax.grad(lambda o: jnp.sum(jnp.take_along_axis(with_offset(o), top1[:, None], -1))))(
         jnp.zeros_like(features))
-    np.testing.assert_allclose(grads, expected, rtol=1e-5, atol=1e-6)
+    # Two programs computing the same numbers: rounding apart.
+    np.testing.assert_allclose(grads, expected, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(expected))))
     assert float(jnp.max(jnp.abs(expected))) > 0
-    np.testing.assert_allclose(logits, model.apply(variables, x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(logits, model.apply(variables, x), rtol=1e-4, atol=1e-5)
     # Not part of the variables that init makes (checkpoints keep params and batch_stats only).
     assert 'perturbations' not in variables and set(variables) == {'params', 'batch_stats'}
 
@@ -171,24 +172,28 @@ def test_lp_clip_sets_each_range_to_the_search_over_that_quantizers_inputs(digit
     flat = flax.traverse_util.flatten_dict(stats)
     flat = {k: (jnp.float32(4.0) if k[-1] == 'x_max' else v) for k, v in flat.items()}
     state = state.replace(stu_quant_stats=flax.traverse_util.unflatten_dict(flat))
-    clipped = step.lp_clipped_ranges(setup, state, variables, 2, 3)
+    clipped = jax.jit(lambda st: step.lp_clipped_ranges(setup, st, variables, 2, 3))(state)
     # The inputs each QuantAct sees, recorded by intercepting its call.
-    key = jax.random.fold_in(state.rng, step.LP_CLIP_STREAM)
-    images = []
-    for i in range(2):
-        z_key, y_key = jax.random.split(jax.random.fold_in(key, i))
-        z = jax.random.normal(z_key, (setup.batch_size, setup.latent_dim))
-        y = jax.random.randint(y_key, (setup.batch_size,), 0, setup.num_classes)
-        images.append(setup.generator.apply({'params': state.gen_params, 'quant_stats': state.gen_quant_stats}, z, y))
-    seen = {}
+    @jax.jit
+    def quantizer_inputs(st):
+        key = jax.random.fold_in(st.rng, step.LP_CLIP_STREAM)
+        images = []
+        for i in range(2):
+            z_key, y_key = jax.random.split(jax.random.fold_in(key, i))
+            z = jax.random.normal(z_key, (setup.batch_size, setup.latent_dim))
+            y = jax.random.randint(y_key, (setup.batch_size,), 0, setup.num_classes)
+            images.append(setup.generator.apply({'params': st.gen_params, 'quant_stats': st.gen_quant_stats}, z, y))
+        seen = {}
 
-    def record(next_fun, args, kwargs, context):
-        if isinstance(context.module, quant.QuantAct) and context.method_name == '__call__':
-            seen[tuple(context.module.scope.path)] = args[0]
-        return next_fun(*args, **kwargs)
-    with nn.intercept_methods(record):
-        setup.student.apply({'params': state.stu_params, 'batch_stats': variables['batch_stats'],
-                             'quant_stats': state.stu_quant_stats}, jnp.concatenate(images))
+        def record(next_fun, args, kwargs, context):
+            if isinstance(context.module, quant.QuantAct) and context.method_name == '__call__':
+                seen[tuple(context.module.scope.path)] = args[0]
+            return next_fun(*args, **kwargs)
+        with nn.intercept_methods(record):
+            setup.student.apply({'params': st.stu_params, 'batch_stats': variables['batch_stats'],
+                                 'quant_stats': st.stu_quant_stats}, jnp.concatenate(images))
+        return {'/'.join(path): x for path, x in seen.items()}
+    seen = {tuple(path.split('/')): np.asarray(x) for path, x in quantizer_inputs(state).items()}
     out = flax.traverse_util.flatten_dict(clipped)
     assert len(seen) == sum(1 for k in out if k[-1] == 'x_max') > 3
     for path, x in seen.items():
@@ -216,18 +221,21 @@ def test_the_perturbed_loss_is_taken_at_the_sign_of_the_clean_losss_input_gradie
     x = jax.random.normal(jax.random.PRNGKey(3), (8, *setup.generator.image_shape))
     y = jnp.arange(8) % setup.num_classes
     fine = step.Phase(calibrate=False, train_student=True)
-    params, *_ = step.student_update(setup, h, state, variables, x, y, state.stu_quant_stats, jnp.int32(0), fine)
+    params = jax.jit(lambda st: step.student_update(setup, h, st, variables, x, y, st.stu_quant_stats, jnp.int32(0),
+                                                    fine)[0])(state)
     lr, m, wd = h.student_lr, h.student_momentum, h.student_weight_decay
     got = jax.tree.map(lambda p0, p1: (p0 - p1) / (lr * (1 + m)) - wd * p0, state.stu_params, params)
 
     def loss(p, images, clean, selection=None):
         return step.student_terms(setup, h, variables, p, state.stu_quant_stats, images, y, False, clean,
                                   selection)[0]
-    t = setup.teacher.apply(variables, x)
-    grad_x = jax.grad(loss, argnums=1)(state.stu_params, x, True)
-    perturbed = x + 0.05 * jnp.sign(grad_x)
-    expected = jax.tree.map(lambda a, b: a + 0.5 * b, jax.grad(loss)(state.stu_params, x, True),
-                            jax.grad(loss)(state.stu_params, perturbed, False, t))
+    @jax.jit
+    def expected_gradient(p):
+        t = setup.teacher.apply(variables, x)
+        grad_x = jax.grad(loss, argnums=1)(p, x, True)
+        perturbed = x + 0.05 * jnp.sign(grad_x)
+        return jax.tree.map(lambda a, b: a + 0.5 * b, jax.grad(loss)(p, x, True), jax.grad(loss)(p, perturbed, False, t))
+    expected = expected_gradient(state.stu_params)
     for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(e))) + 1e-7)
 
