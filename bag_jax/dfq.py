@@ -141,9 +141,8 @@ def make_pools(setup: Setup, runs, teacher_variables, info: data.DatasetInfo, lo
 
 def make_range_clip(setup: Setup, spec: DFQSpec, mesh) -> Callable:
     """state -> state with every run's activation ranges from the L_p search (range_clip)."""
-    clip = jax.vmap(lambda st, v: st.replace(stu_quant_stats=lp_clipped_ranges(setup, st, v, spec.clip_batches,
-                                                                                 spec.quant.a_bits)),
-                    in_axes=(0, None))
+    clip = jax.vmap(lambda st, v: st.replace(stu_quant_stats=lp_clipped_ranges(
+        setup, st, v, spec.range_clip_batches, spec.quant.a_bits)), in_axes=(0, None))
     return jax.jit(clip, out_shardings=parallel.runs_sharded(mesh))
 
 
@@ -221,9 +220,9 @@ def train_and_evaluate(experiment: Experiment, workdir: str) -> dict[str, Any]:
                     logging.info('epoch %d: compiling the %s program (once per run; XLA on CPU may take minutes, a '
                                  'cached program loads in seconds)', epoch + 1, phase.name)
                 state, epoch_metrics = train_epoch(state, teacher_variables, jnp.int32(epoch), progress.update)
-                if spec.calibration_clip == 'lp' and epoch == schedule.calibration_epochs - 1 and spec.quant.a_bits:
+                if spec.range_clip == 'lp' and epoch == schedule.calibration_epochs - 1 and spec.quant.a_bits:
                     logging.info('epoch %d: activation ranges from the L_p search over %d generator batches',
-                                 epoch + 1, spec.clip_batches)
+                                 epoch + 1, spec.range_clip_batches)
                     state = make_range_clip(setup, spec, mesh)(state, teacher_variables)
                 epoch_metrics = {k: np.atleast_1d(np.asarray(v)) for k, v in parallel.to_host(epoch_metrics).items()}
                 live = _check_finite(epoch_metrics, done.history['diverged'], runs, epoch, ckpts.latest_epoch(),

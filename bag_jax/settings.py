@@ -41,7 +41,7 @@ from bag_jax.sweep import Run
 
 MODES = ('quantize', 'teacher', 'evaluate')
 CHANNEL_ATTENTION_FORMS = ('energy', 'energy_mean', 'mean', 'softmax')
-CALIBRATION_CLIPS = ('none', 'lp')
+RANGE_CLIPS = ('none', 'lp')
 CHANNEL_ATTENTION_LAYERS = ('branch', 'conv', 'unit_out', 'stage_out')
 EPOCH_LOOPS = ('auto', 'scan', 'python')
 
@@ -161,8 +161,8 @@ class DFQSpec:
     runs: tuple[Run, ...]
     data_parallel: Optional[int]
     perturbation_features: bool = True   # the perturbed student loss keeps the channel-attention term
-    calibration_clip: str = 'none'       # 'lp': activation ranges by the L_p search when calibration ends
-    clip_batches: int = 4                # generator batches whose activations that search sees
+    range_clip: str = 'none'             # 'lp': activation ranges by the L_p search when calibration ends
+    range_clip_batches: int = 4          # generator batches whose activations that search sees
     pool: Optional[PoolSpec] = None      # the synthetic pool of a pool method (HAST, SynQ)
 
     @property
@@ -420,10 +420,10 @@ def _dfq(config) -> DFQSpec:
     if not isinstance(_get(config, 'loss.perturbation_features'), bool):
         raise ValueError(f"loss.perturbation_features={_get(config, 'loss.perturbation_features')!r} is not allowed: "
                          'use True or False.')
-    calibration_clip = _choice(config, 'range_clip', CALIBRATION_CLIPS)
-    clip_batches = _int(config, 'range_clip_batches', 1)
-    if calibration_clip != 'none' and calibration_epochs == 0:
-        raise ValueError(f'range_clip={calibration_clip!r} clips the ranges when calibration ends, and '
+    range_clip = _choice(config, 'range_clip', RANGE_CLIPS)
+    range_clip_batches = _int(config, 'range_clip_batches', 1)
+    if range_clip != 'none' and calibration_epochs == 0:
+        raise ValueError(f'range_clip={range_clip!r} clips the ranges when calibration ends, and '
                          'calibration_epochs=0 has none: use calibration_epochs of at least 1, or '
                          "range_clip='none'.")
     pool = _pool(config, method, warmup_epochs, calibration_epochs) if method in POOL_METHODS else None
@@ -459,7 +459,7 @@ def _dfq(config) -> DFQSpec:
         hypers=hypers, nesterov=config.student.nesterov, attention_form=form, attention_layers=layers,
         num_seeds=num_seeds, sweep=tuple(sweep.items()), runs=tuple(_runs(config, sweep)),
         data_parallel=data_parallel, perturbation_features=config.loss.perturbation_features,
-        calibration_clip=calibration_clip, clip_batches=clip_batches, pool=pool)
+        range_clip=range_clip, range_clip_batches=range_clip_batches, pool=pool)
 
 
 def _pool(config, method: str, warmup_epochs: int, calibration_epochs: int) -> PoolSpec:

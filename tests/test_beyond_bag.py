@@ -253,7 +253,7 @@ def test_presets_name_and_configure_each_method():
     assert (hast.hypers.kd, hast.hypers.channel_attention, hast.attention_form) == (20.0, 1000.0, 'energy_mean')
     assert (hast.hypers.perturbation, hast.hypers.perturbation_eps, hast.hypers.selce, hast.hypers.cam) == (1, 0.01, 0, 0)
     assert (synq.pool.low_pass, synq.hypers.cam, synq.hypers.selce, synq.perturbation_features) == (80, 200, 5, False)
-    assert combo.pool is None and combo.calibration_clip == 'lp' and combo.generator.quantize
+    assert combo.pool is None and combo.range_clip == 'lp' and combo.generator.quantize
     assert (combo.hypers.selce, combo.hypers.cam, combo.hypers.perturbation) == (0.5, 50.0, 1.0)
     net = settings.parse(imagenet.get_config('resnet18', 'synq')).dfq
     assert (net.hypers.selce, net.hypers.cam, net.perturbation_features, net.pool.focal) == (0.5, 50.0, True, 0.1)
